@@ -1,0 +1,293 @@
+"""Decide one request against a compiled Policy: the single decision path of the project.
+
+Pure: takes the facts of a request (what mitmproxy, the CLI or a test saw), returns a
+Decision that says allow or deny, why, and what to answer. No I/O, no mitmproxy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass, field
+from typing import Any
+
+from knoxcall_addon.ipmatch import parse_ip
+from knoxcall_addon.model import ApiKey, IPAddress
+from knoxcall_addon.policy import Policy, normalize_path
+
+ROUTE_HEADER = "x-knoxcall-route"
+ENVIRONMENT_HEADER = "x-knoxcall-environment"
+KEY_HEADER = "x-knoxcall-key"
+REQUEST_ID_HEADER = "x-knoxcall-request-id"
+HEADER_PREFIX = "x-knoxcall-"
+
+ALLOWED_REASONS = ("client", "test_key", "open_route", "unmatched_allowed")
+DENIED_REASONS = (
+    "ip_not_whitelisted",
+    "client_not_assigned",
+    "client_disabled",
+    "route_not_found",
+    "environment_not_found",
+    "method_not_allowed",
+    "invalid_api_key",
+    "api_key_required",
+    "test_key_not_allowed",
+    "internal_error",
+)
+
+
+@dataclass(frozen=True)
+class RequestFacts:
+    """What the decision needs to know about a request, and nothing else."""
+
+    peer: str  # the TCP peer's host, as the socket reports it
+    method: str = "GET"
+    host: str = ""  # the host used for route matching
+    path: str = "/"
+    route: str | None = None  # x-knoxcall-route
+    environment: str | None = None  # x-knoxcall-environment
+    api_key: str | None = None  # x-knoxcall-key, the secret itself
+    forwarded_for: tuple[str, ...] = ()  # values of settings.client_ip_header
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    reason: str
+    status: int  # what the proxy answers on a denial; 0 when the request goes upstream
+    client_ip: str | None
+    peer_ip: str | None
+    route: str | None = None
+    environment: str | None = None
+    client: str | None = None
+    api_key: str | None = None
+    config_version: str = ""
+    target_url: str | None = None  # where an allowed request goes, when the route rewrites it
+    body: dict[str, Any] = field(default_factory=dict)  # the JSON body of a denial
+    allow_methods: tuple[str, ...] = ()  # for the Allow header of a 405
+    detail: str = ""  # extra words for the log, never for the client
+
+    @property
+    def decision(self) -> str:
+        return "allowed" if self.allowed else "denied"
+
+    def summary(self) -> str:
+        """One line for the event log and the flow comment."""
+        parts = [
+            f"knoxcall: {self.decision} {self.reason} {self.client_ip or '-'}",
+            f"route={self.route or '-'}",
+            f"env={self.environment or '-'}",
+        ]
+        if self.client:
+            parts.append(f"client={self.client}")
+        if self.api_key:
+            parts.append(f"key={self.api_key}")
+        if self.peer_ip != self.client_ip:
+            parts.append(f"peer={self.peer_ip or '-'}")
+        if self.detail:
+            parts.append(f"({self.detail})")
+        return " ".join(parts)
+
+    def fields(self) -> dict[str, Any]:
+        """The decision as a flat mapping, for flow metadata and the access log."""
+        return {
+            "decision": self.decision,
+            "reason": self.reason,
+            "status": self.status,
+            "route": self.route,
+            "environment": self.environment,
+            "client": self.client,
+            "client_ip": self.client_ip,
+            "peer_ip": self.peer_ip,
+            "api_key": self.api_key,
+            "config_version": self.config_version,
+        }
+
+
+def resolve_client_ip(
+    policy: Policy, peer: str, forwarded_for: tuple[str, ...]
+) -> tuple[IPAddress | None, IPAddress | None]:
+    """(client IP, peer IP). The header is believed only from trusted proxies.
+
+    Walks the header from the right, skipping trusted proxies; the first other address
+    is the client. An unparsable entry stops the walk at the last trusted hop, so that
+    garbage never lets a caller choose an address further left.
+    """
+    peer_ip = parse_ip(peer)
+    if peer_ip is None or not forwarded_for or peer_ip not in policy.trusted_proxies:
+        return peer_ip, peer_ip
+    client_ip = peer_ip
+    entries = [e for value in forwarded_for for e in value.split(",")]
+    for entry in reversed(entries):
+        if not entry.strip():
+            continue
+        address = parse_ip(entry)
+        if address is None:
+            break
+        client_ip = address
+        if address not in policy.trusted_proxies:
+            break
+    return client_ip, peer_ip
+
+
+def decide(policy: Policy, facts: RequestFacts) -> Decision:
+    """The decision for one HTTP request, in the documented order of checks."""
+    settings = policy.settings
+    client_ip, peer_ip = resolve_client_ip(policy, facts.peer, facts.forwarded_for)
+    client_ip_text = str(client_ip) if client_ip is not None else facts.peer or None
+    base: dict[str, Any] = {
+        "client_ip": client_ip_text,
+        "peer_ip": str(peer_ip) if peer_ip is not None else facts.peer or None,
+        "config_version": policy.version,
+    }
+
+    # 2. route
+    if facts.route is not None:
+        route = policy.routes.get(facts.route)
+        if route is None or not route.enabled:
+            why = "unknown route" if route is None else "route is disabled"
+            return _deny(base, "route_not_found", route=facts.route, detail=why)
+        if route.match is not None and not _fits(route, facts):
+            return _deny(base, "route_not_found", route=facts.route, detail="request does not fit the route's match")
+    else:
+        route = policy.route_table.find(facts.host, facts.path)
+        if route is None:
+            if settings.unmatched_requests == "allow":
+                return Decision(True, "unmatched_allowed", 0, **base)
+            return _deny(base, "route_not_found", route=None, detail=f"no route matches {facts.host}{facts.path}")
+
+    # 3. environment
+    environment = facts.environment if facts.environment is not None else settings.default_environment
+    if environment not in policy.config.environments:
+        return _deny(base, "environment_not_found", route=route.name, environment=environment)
+    base["route"] = route.name
+    base["environment"] = environment
+
+    # 4. method
+    methods = route.methods_for(environment)
+    if methods is not None and facts.method.upper() not in methods:
+        return _deny(base, "method_not_allowed", allow_methods=tuple(sorted(methods)))
+
+    # 5. API key
+    key: ApiKey | None = None
+    if facts.api_key is not None:
+        key = find_key(policy, facts.api_key)
+        if key is None:
+            return _deny(base, "invalid_api_key")
+        base["api_key"] = key.name
+    elif route.requires_api_key:
+        return _deny(base, "api_key_required")
+
+    # 6. clients
+    if key is not None and key.type == "test":
+        if environment == settings.default_environment:
+            return _deny(base, "test_key_not_allowed")
+        return _allow(base, "test_key", route, environment)
+    if not route.requires_clients:
+        return _allow(base, "open_route", route, environment)
+    access = policy.access_for(route.name, environment)
+    covering = policy.clients_by_ip.lookup(client_ip) if client_ip is not None else ()
+    for name in covering:
+        if name in access.allowed:
+            return _allow(base, "client", route, environment, client=name)
+    disabled_here = [n for n in covering if n in access.assigned]
+    if disabled_here:
+        return _deny(base, "client_disabled", client=disabled_here[0], detail=f"client {disabled_here[0]} is disabled")
+    enabled_elsewhere = [n for n in covering if n in policy.enabled_clients]
+    if enabled_elsewhere:
+        return _deny(
+            base,
+            "client_not_assigned",
+            client=enabled_elsewhere[0],
+            detail=f"client {enabled_elsewhere[0]} is not assigned to this route and environment",
+        )
+    if covering:
+        return _deny(base, "client_disabled", client=covering[0], detail=f"client {covering[0]} is disabled")
+    return _deny(base, "ip_not_whitelisted")
+
+
+def decide_connection(policy: Policy, peer: str, *, tunnel: bool) -> Decision:
+    """A connection that carries no request we can read: CONNECT, raw TCP, UDP.
+
+    Allowed when an enabled client covers the peer, or unmatched requests are allowed.
+    A CONNECT (``tunnel``) is also let through when open routes or test keys exist,
+    since the requests inside it are then decided one by one.
+    """
+    client_ip, peer_ip = resolve_client_ip(policy, peer, ())
+    base: dict[str, Any] = {
+        "client_ip": str(client_ip) if client_ip is not None else peer or None,
+        "peer_ip": str(peer_ip) if peer_ip is not None else peer or None,
+        "config_version": policy.version,
+    }
+    covering = policy.clients_by_ip.lookup(client_ip) if client_ip is not None else ()
+    for name in covering:
+        if name in policy.enabled_clients:
+            return Decision(True, "client", 0, client=name, **base)
+    if policy.settings.unmatched_requests == "allow":
+        return Decision(True, "unmatched_allowed", 0, **base)
+    if tunnel and (policy.any_open_route or policy.any_test_key):
+        return Decision(True, "open_route", 0, detail="requests inside the tunnel are checked one by one", **base)
+    if covering:
+        return _deny(base, "client_disabled", client=covering[0])
+    return _deny(base, "ip_not_whitelisted")
+
+
+def find_key(policy: Policy, secret: str) -> ApiKey | None:
+    """The enabled key with this secret; every digest is compared, in constant time."""
+    digest = hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
+    found = None
+    for key in policy.enabled_keys:
+        if hmac.compare_digest(digest, key.key_sha256):
+            found = key
+    return found
+
+
+def internal_error(client_ip: str | None, peer_ip: str | None, detail: str, version: str = "") -> Decision:
+    """The decision when deciding itself failed: deny, and say so."""
+    return _deny(
+        {"client_ip": client_ip, "peer_ip": peer_ip, "config_version": version},
+        "internal_error",
+        detail=detail,
+    )
+
+
+def _fits(route: Any, facts: RequestFacts) -> bool:
+    """Does the request fit this route's own match (hosts and path prefix)?"""
+    match = route.match
+    host = facts.host.lower().rstrip(".")
+    if match.hosts and not any(host == h or (h.startswith("*.") and host.endswith(h[1:])) for h in match.hosts):
+        return False
+    prefix = match.path_prefix
+    path = normalize_path(facts.path)
+    return prefix == "/" or path == prefix or path.startswith(prefix + "/")
+
+
+def _allow(base: dict[str, Any], reason: str, route: Any, environment: str, client: str | None = None) -> Decision:
+    return Decision(True, reason, 0, client=client, target_url=route.target_for(environment), **base)
+
+
+_DENIAL_MESSAGES = {
+    "route_not_found": (404, "Route not found"),
+    "environment_not_found": (404, "Environment not found"),
+    "method_not_allowed": (405, "Method not allowed"),
+    "invalid_api_key": (401, "Invalid API key"),
+    "api_key_required": (401, "Invalid API key"),
+    "test_key_not_allowed": (403, "Test keys are not allowed in the default environment"),
+    "ip_not_whitelisted": (403, "IP not authorized"),
+    "client_not_assigned": (403, "IP not authorized"),
+    "client_disabled": (403, "IP not authorized"),
+    "internal_error": (500, "Internal error"),
+}
+
+
+def _deny(base: dict[str, Any], reason: str, **extra: Any) -> Decision:
+    status, message = _DENIAL_MESSAGES[reason]
+    values = {**base, **extra}
+    body: dict[str, Any] = {"error": message, "status": status}
+    if reason == "route_not_found":
+        body["route"] = values.get("route")
+    elif reason == "environment_not_found":
+        body["environment"] = values.get("environment")
+    elif status == 403:
+        body.update(ip=values.get("client_ip"), route=values.get("route"), environment=values.get("environment"))
+    return Decision(False, reason, status, body=body, **values)

@@ -1,0 +1,547 @@
+"""Validate the config folder into a `Config`, or fail with every problem found.
+
+One code path for the addon, the hot reload and the ``knoxcall`` CLI. Every problem
+names file, line and what is wrong; nothing is guessed or silently dropped.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from knoxcall_addon.model import (
+    ApiKey,
+    Assignment,
+    Client,
+    Config,
+    ConfigError,
+    Environment,
+    IPNetwork,
+    Location,
+    Problem,
+    Route,
+    RouteMatch,
+    RouteOverride,
+    Settings,
+)
+from knoxcall_addon.yamlsource import LocatedDict, LocatedList, read_folder
+
+ENVIRONMENT_NAME = re.compile(r"^[a-z0-9_-]+$")
+OBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+HOST_PATTERN = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")
+METHOD = re.compile(r"^[A-Z]+$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+TOP_LEVEL_KEYS = ("settings", "environments", "clients", "routes", "assignments", "api_keys")
+SETTINGS_KEYS = ("default_environment", "trusted_proxies", "client_ip_header", "unmatched_requests")
+ENVIRONMENT_KEYS = ("name", "description")
+CLIENT_KEYS = ("name", "type", "ip_address", "enabled", "description")
+ROUTE_KEYS = (
+    "name",
+    "target_base_url",
+    "requires_clients",
+    "requires_api_key",
+    "enabled",
+    "allowed_methods",
+    "match",
+    "environments",
+    "description",
+)
+MATCH_KEYS = ("hosts", "path_prefix")
+OVERRIDE_KEYS = ("target_base_url", "allowed_methods")
+API_KEY_KEYS = ("name", "key_sha256", "type", "enabled", "description")
+
+_MISSING = object()
+
+
+def load_config(folder: str | Path) -> Config:
+    """Read, validate and return the config in ``folder``; raise ConfigError otherwise."""
+    path = Path(folder)
+    sources, version = read_folder(path)
+    builder = _Builder()
+    for source in sources:
+        builder.add_file(source.data, str(source.path))
+    config = builder.build(version=version, folder=str(path), files=tuple(str(s.path) for s in sources))
+    return config
+
+
+def parse_networks(value: str, where: Location) -> list[IPNetwork]:
+    """Parse "an IP, a CIDR, or 'a, b, c'" into networks; raise ConfigError on any bad part."""
+    networks: list[IPNetwork] = []
+    problems: list[Problem] = []
+    for part in value.split(","):
+        part = part.strip()
+        if not part:
+            problems.append(Problem(where, f"empty address in {value!r}"))
+            continue
+        try:
+            networks.append(parse_network(part))
+        except ValueError as e:
+            problems.append(Problem(where, str(e)))
+    if problems:
+        raise ConfigError(problems)
+    return networks
+
+
+def parse_network(text: str) -> IPNetwork:
+    """One IP or CIDR, strict about host bits; IPv4-mapped IPv6 becomes IPv4."""
+    if "%" in text:
+        raise ValueError(f"{text!r}: zone indexes (%...) are not allowed in config")
+    try:
+        network = ipaddress.ip_network(text, strict=True)
+    except ValueError as e:
+        try:
+            loose = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ValueError(f"{text!r} is not an IP address or CIDR range") from None
+        if "has host bits set" in str(e):
+            raise ValueError(
+                f"{text!r} has host bits set; did you mean {loose} (or {text.split('/')[0]} alone)?"
+            ) from None
+        raise ValueError(f"{text!r}: {e}") from None
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
+
+
+class _Builder:
+    """Collects the files' sections, then validates them into one Config."""
+
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+        self.settings: dict[str, tuple[Any, Location]] = {}
+        self.lists: dict[str, list[tuple[Any, Location]]] = {
+            "environments": [],
+            "clients": [],
+            "routes": [],
+            "api_keys": [],
+        }
+        self.assignments: dict[str, tuple[Any, Location]] = {}
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def error(self, where: Location, message: str) -> None:
+        self.problems.append(Problem(where, message))
+
+    def check_keys(self, mapping: LocatedDict, allowed: tuple[str, ...], what: str) -> None:
+        for key in mapping:
+            if key not in allowed:
+                hint = difflib.get_close_matches(str(key), allowed, n=1)
+                suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+                self.error(
+                    mapping.key_locations[key],
+                    f"unknown key {key!r} in {what}{suggestion}; allowed: {', '.join(allowed)}",
+                )
+
+    def field(
+        self,
+        mapping: LocatedDict,
+        key: str,
+        kind: type | tuple[type, ...],
+        default: Any = _MISSING,
+        what: str = "",
+    ) -> Any:
+        """The value of ``key`` if it has the right type; a recorded problem otherwise."""
+        if key not in mapping:
+            if default is _MISSING:
+                self.error(mapping.location, f"{what} is missing required key {key!r}")
+                return None
+            return default
+        value = mapping[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int in Python; never accept one for the other.
+        if isinstance(value, bool) and bool not in kinds:
+            ok = False
+        else:
+            ok = isinstance(value, kinds)
+        if not ok:
+            names = " or ".join(_type_name(k) for k in kinds)
+            self.error(
+                mapping.key_locations[key],
+                f"{what}: {key!r} must be {names}, not {_type_name(type(value))} ({value!r})",
+            )
+            return None
+        return value
+
+    def name_field(self, entry: LocatedDict, what: str, pattern: re.Pattern[str]) -> str | None:
+        name = self.field(entry, "name", str, what=what)
+        if name is None:
+            return None
+        if not pattern.match(name):
+            self.error(entry.key_locations["name"], f"{what} name {name!r} must match {pattern.pattern}")
+            return None
+        return name
+
+    # -- collecting ------------------------------------------------------------------
+
+    def add_file(self, data: Any, file: str) -> None:
+        if data is None:
+            return
+        if not isinstance(data, LocatedDict):
+            self.error(Location(file, 1), "the file must be a mapping with keys " + ", ".join(TOP_LEVEL_KEYS))
+            return
+        self.check_keys(data, TOP_LEVEL_KEYS, "the top level")
+        for section in ("settings", "assignments"):
+            if section not in data:
+                continue
+            value = data[section]
+            if value is None:
+                continue
+            if not isinstance(value, LocatedDict):
+                self.error(data.key_locations[section], f"{section!r} must be a mapping")
+                continue
+            merged = self.settings if section == "settings" else self.assignments
+            for key, item in value.items():
+                if key in merged:
+                    self.error(
+                        value.key_locations[key],
+                        f"{section}.{key} is defined twice (first at {merged[key][1]})",
+                    )
+                    continue
+                merged[key] = (item, value.key_locations[key])
+        for section, entries in self.lists.items():
+            if section not in data or data[section] is None:
+                continue
+            value = data[section]
+            if not isinstance(value, LocatedList):
+                self.error(data.key_locations[section], f"{section!r} must be a list")
+                continue
+            entries.extend(zip(value, value.item_locations, strict=True))
+
+    # -- validating ------------------------------------------------------------------
+
+    def build(self, version: str, folder: str, files: tuple[str, ...]) -> Config:
+        environments = self._named(self.lists["environments"], "environment", self._environment)
+        clients = self._named(self.lists["clients"], "client", self._client)
+        routes = self._named(self.lists["routes"], "route", lambda e, n: self._route(e, n, environments))
+        api_keys = self._named(self.lists["api_keys"], "API key", self._api_key)
+        settings = self._settings(environments)
+        assignments = self._assignments(environments, clients, routes)
+        if self.problems:
+            raise ConfigError(self.problems)
+        return Config(
+            settings=settings,
+            environments=environments,
+            clients=clients,
+            routes=routes,
+            assignments=assignments,
+            api_keys=api_keys,
+            version=version,
+            folder=folder,
+            files=files,
+        )
+
+    def _named(
+        self,
+        entries: list[tuple[Any, Location]],
+        what: str,
+        make: Callable[[LocatedDict, str], Any],
+    ) -> dict[str, Any]:
+        pattern = ENVIRONMENT_NAME if what == "environment" else OBJECT_NAME
+        result: dict[str, Any] = {}
+        for entry, where in entries:
+            if not isinstance(entry, LocatedDict):
+                self.error(where, f"each {what} must be a mapping with a 'name'")
+                continue
+            name = self.name_field(entry, what, pattern)
+            if name is None:
+                continue
+            if name in result:
+                self.error(
+                    entry.key_locations["name"],
+                    f"{what} {name!r} is defined twice (first at {result[name].location})",
+                )
+                continue
+            made = make(entry, name)
+            if made is not None:
+                result[name] = made
+        return result
+
+    def _settings(self, environments: dict[str, Environment]) -> Settings:
+        for key, (_, where) in self.settings.items():
+            if key not in SETTINGS_KEYS:
+                hint = difflib.get_close_matches(str(key), SETTINGS_KEYS, n=1)
+                suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+                self.error(where, f"unknown key {key!r} in settings{suggestion}")
+        values = {k: v for k, (v, _) in self.settings.items()}
+        where = {k: loc for k, (_, loc) in self.settings.items()}
+        defaults = Settings()
+
+        default_env = values.get("default_environment", defaults.default_environment)
+        if not isinstance(default_env, str):
+            self.error(where["default_environment"], "settings.default_environment must be a string")
+            default_env = defaults.default_environment
+        elif default_env not in environments:
+            self.error(
+                where.get("default_environment", Location(self._first_file(), 0)),
+                f"default environment {default_env!r} is not defined under 'environments'",
+            )
+
+        header = values.get("client_ip_header", defaults.client_ip_header)
+        if not isinstance(header, str) or not re.match(r"^[A-Za-z0-9-]+$", header):
+            self.error(where["client_ip_header"], "settings.client_ip_header must be a header name")
+            header = defaults.client_ip_header
+
+        unmatched = values.get("unmatched_requests", defaults.unmatched_requests)
+        if unmatched not in ("deny", "allow"):
+            self.error(where["unmatched_requests"], "settings.unmatched_requests must be 'deny' or 'allow'")
+            unmatched = "deny"
+
+        proxies: list[IPNetwork] = []
+        if "trusted_proxies" in values:
+            proxies = self._networks(values["trusted_proxies"], where["trusted_proxies"], "trusted_proxies")
+        return Settings(
+            default_environment=default_env,
+            trusted_proxies=tuple(proxies),
+            client_ip_header=header,
+            unmatched_requests=unmatched,
+        )
+
+    def _first_file(self) -> str:
+        for entries in self.lists.values():
+            for _, where in entries:
+                return where.file
+        return "<config>"
+
+    def _networks(self, value: Any, where: Location, what: str) -> list[IPNetwork]:
+        """An IP, a CIDR, a comma-separated string of them, or a YAML list of those."""
+        if value is None:
+            return []
+        if isinstance(value, str):
+            parts = [(value, where)]
+        elif isinstance(value, LocatedList):
+            parts = list(zip(value, value.item_locations, strict=True))
+        else:
+            self.error(where, f"{what} must be an IP, a CIDR, a comma-separated string or a list")
+            return []
+        networks: list[IPNetwork] = []
+        for part, part_where in parts:
+            if not isinstance(part, str):
+                self.error(part_where, f"{what}: {part!r} must be a string like '10.0.0.0/8'")
+                continue
+            try:
+                networks.extend(parse_networks(part, part_where))
+            except ConfigError as e:
+                self.problems.extend(e.problems)
+        return networks
+
+    def _environment(self, entry: LocatedDict, name: str) -> Environment:
+        self.check_keys(entry, ENVIRONMENT_KEYS, f"environment {name!r}")
+        description = self.field(entry, "description", str, "", f"environment {name!r}")
+        return Environment(name=name, description=description or "", location=entry.location)
+
+    def _client(self, entry: LocatedDict, name: str) -> Client | None:
+        what = f"client {name!r}"
+        self.check_keys(entry, CLIENT_KEYS, what)
+        client_type = self.field(entry, "type", str, "server", what)
+        if client_type not in ("server", "user", None):
+            self.error(entry.key_locations["type"], f"{what}: type must be 'server' or 'user'")
+        enabled = self.field(entry, "enabled", bool, True, what)
+        description = self.field(entry, "description", str, "", what)
+        if "ip_address" not in entry:
+            self.error(entry.location, f"{what} is missing required key 'ip_address'")
+            return None
+        networks = self._networks(entry["ip_address"], entry.key_locations["ip_address"], what)
+        if not networks:
+            if entry["ip_address"] in (None, "") or entry["ip_address"] == []:
+                self.error(entry.key_locations["ip_address"], f"{what} has no IP addresses")
+            return None
+        return Client(
+            name=name,
+            networks=tuple(networks),
+            type=client_type if client_type in ("server", "user") else "server",
+            enabled=bool(enabled) if enabled is not None else True,
+            description=description or "",
+            location=entry.location,
+        )
+
+    def _methods(self, entry: LocatedDict, what: str) -> frozenset[str] | None:
+        if "allowed_methods" not in entry:
+            return None
+        value = entry["allowed_methods"]
+        where = entry.key_locations["allowed_methods"]
+        if not isinstance(value, LocatedList) or not value:
+            self.error(where, f"{what}: allowed_methods must be a non-empty list like [GET, POST]")
+            return None
+        methods = set()
+        for method in value:
+            if not isinstance(method, str) or not METHOD.match(method.upper()):
+                self.error(where, f"{what}: {method!r} is not an HTTP method")
+                continue
+            methods.add(method.upper())
+        return frozenset(methods)
+
+    def _target(self, entry: LocatedDict, what: str) -> str | None:
+        target = self.field(entry, "target_base_url", str, None, what)
+        if target is None:
+            return None
+        parts = urlsplit(target)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            self.error(
+                entry.key_locations["target_base_url"],
+                f"{what}: target_base_url {target!r} must be an http(s) URL with a host and no query",
+            )
+            return None
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            self.error(entry.key_locations["target_base_url"], f"{what}: bad port in {target!r}")
+            return None
+        return target
+
+    def _match(self, entry: LocatedDict, what: str) -> RouteMatch | None:
+        value = self.field(entry, "match", LocatedDict, None, what)
+        if value is None:
+            return None
+        self.check_keys(value, MATCH_KEYS, f"{what} match")
+        hosts: list[str] = []
+        raw_hosts = self.field(value, "hosts", LocatedList, LocatedList(), f"{what} match")
+        for host, where in zip(raw_hosts or [], getattr(raw_hosts, "item_locations", []), strict=False):
+            if not isinstance(host, str) or not HOST_PATTERN.match(host.lower().rstrip(".")):
+                self.error(where, f"{what}: {host!r} is not a host name (a leading '*.' is allowed)")
+                continue
+            hosts.append(host.lower().rstrip("."))
+        prefix = self.field(value, "path_prefix", str, "/", f"{what} match")
+        if prefix is not None and not prefix.startswith("/"):
+            self.error(value.key_locations["path_prefix"], f"{what}: path_prefix must start with '/'")
+            prefix = None
+        if prefix is None:
+            return None
+        if prefix != "/":
+            prefix = prefix.rstrip("/")
+        return RouteMatch(hosts=tuple(hosts), path_prefix=prefix)
+
+    def _route(self, entry: LocatedDict, name: str, environments: dict[str, Environment]) -> Route:
+        what = f"route {name!r}"
+        self.check_keys(entry, ROUTE_KEYS, what)
+        overrides: dict[str, RouteOverride] = {}
+        raw_overrides = self.field(entry, "environments", LocatedDict, None, what)
+        for env_name, override in (raw_overrides or {}).items():
+            where = raw_overrides.key_locations[env_name]
+            if env_name not in environments:
+                self.error(where, f"{what}: unknown environment {env_name!r}{_suggest(env_name, environments)}")
+                continue
+            if not isinstance(override, LocatedDict):
+                self.error(where, f"{what}: the override for {env_name!r} must be a mapping")
+                continue
+            self.check_keys(override, OVERRIDE_KEYS, f"{what} environment {env_name!r}")
+            overrides[env_name] = RouteOverride(
+                target_base_url=self._target(override, f"{what} ({env_name})"),
+                allowed_methods=self._methods(override, f"{what} ({env_name})"),
+            )
+        return Route(
+            name=name,
+            target_base_url=self._target(entry, what),
+            requires_clients=self.field(entry, "requires_clients", bool, True, what) is not False,
+            requires_api_key=self.field(entry, "requires_api_key", bool, False, what) is True,
+            enabled=self.field(entry, "enabled", bool, True, what) is not False,
+            allowed_methods=self._methods(entry, what),
+            match=self._match(entry, what),
+            environments=overrides,
+            description=self.field(entry, "description", str, "", what) or "",
+            location=entry.location,
+        )
+
+    def _api_key(self, entry: LocatedDict, name: str) -> ApiKey | None:
+        what = f"API key {name!r}"
+        self.check_keys(entry, API_KEY_KEYS, what)
+        digest = self.field(entry, "key_sha256", str, what=what)
+        key_type = self.field(entry, "type", str, "live", what)
+        if key_type not in ("live", "test", None):
+            self.error(entry.key_locations["type"], f"{what}: type must be 'live' or 'test'")
+        enabled = self.field(entry, "enabled", bool, True, what)
+        self.field(entry, "description", str, "", what)
+        if digest is None:
+            return None
+        if not SHA256_HEX.match(digest.lower()):
+            self.error(
+                entry.key_locations["key_sha256"],
+                f"{what}: key_sha256 must be 64 hex digits (the SHA-256 of the key, never the key itself)",
+            )
+            return None
+        return ApiKey(
+            name=name,
+            key_sha256=bytes.fromhex(digest),
+            type="test" if key_type == "test" else "live",
+            enabled=enabled is not False,
+            location=entry.location,
+        )
+
+    def _assignments(
+        self,
+        environments: dict[str, Environment],
+        clients: dict[str, Client],
+        routes: dict[str, Route],
+    ) -> tuple[Assignment, ...]:
+        result: list[Assignment] = []
+        for route_name, (per_env, where) in self.assignments.items():
+            if route_name not in routes:
+                self.error(where, f"assignments: unknown route {route_name!r}{_suggest(route_name, routes)}")
+                continue
+            if per_env is None:
+                continue
+            if not isinstance(per_env, LocatedDict):
+                self.error(where, f"assignments.{route_name} must map environments to lists of clients")
+                continue
+            for env_name, names in per_env.items():
+                env_where = per_env.key_locations[env_name]
+                if env_name not in environments:
+                    self.error(
+                        env_where,
+                        f"assignments.{route_name}: unknown environment {env_name!r}{_suggest(env_name, environments)}",
+                    )
+                    continue
+                if names is None:
+                    names = LocatedList()
+                    names.item_locations = []
+                if isinstance(names, str):
+                    names_list = [(names, env_where)]
+                elif isinstance(names, LocatedList):
+                    names_list = list(zip(names, names.item_locations, strict=True))
+                else:
+                    self.error(env_where, f"assignments.{route_name}.{env_name} must be a list of client names")
+                    continue
+                chosen: list[str] = []
+                for client_name, client_where in names_list:
+                    if not isinstance(client_name, str):
+                        self.error(client_where, f"assignments.{route_name}.{env_name}: {client_name!r} is not a name")
+                    elif client_name not in clients:
+                        self.error(
+                            client_where,
+                            f"assignments.{route_name}.{env_name}: unknown client {client_name!r}"
+                            f"{_suggest(client_name, clients)}",
+                        )
+                    elif client_name in chosen:
+                        self.error(
+                            client_where, f"assignments.{route_name}.{env_name}: {client_name!r} is listed twice"
+                        )
+                    else:
+                        chosen.append(client_name)
+                result.append(Assignment(route_name, env_name, tuple(chosen), env_where))
+        return tuple(result)
+
+
+def _suggest(name: str, known: dict[str, Any]) -> str:
+    hint = difflib.get_close_matches(str(name), list(known), n=1)
+    return f" (did you mean {hint[0]!r}?)" if hint else ""
+
+
+def _type_name(kind: type) -> str:
+    return {
+        str: "a string",
+        bool: "true or false",
+        int: "a number",
+        float: "a number",
+        LocatedDict: "a mapping",
+        dict: "a mapping",
+        LocatedList: "a list",
+        list: "a list",
+        type(None): "empty",
+    }.get(kind, kind.__name__)

@@ -1,0 +1,142 @@
+"""Compile a validated Config into the lookup tables a request decision reads.
+
+Everything that costs more than a dict or bisect lookup happens here, once per load.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote
+
+from knoxcall_addon.ipmatch import RangeIndex
+from knoxcall_addon.loader import load_config
+from knoxcall_addon.model import ApiKey, Config, ConfigError, Problem, Route
+
+
+@dataclass(frozen=True)
+class RouteAccess:
+    """Who may call one route in one environment."""
+
+    allowed: frozenset[str]  # enabled clients assigned here
+    assigned: frozenset[str]  # every client assigned here, enabled or not
+
+
+class RouteTable:
+    """Finds the route for a host and path: longest path prefix, then the most specific host."""
+
+    def __init__(self, routes: list[Route]) -> None:
+        self.exact: dict[str, dict[str, Route]] = {}
+        self.wildcard: dict[str, dict[str, Route]] = {}
+        self.any_host: dict[str, Route] = {}
+        self.problems: list[Problem] = []
+        for route in routes:
+            if route.match is None or not route.enabled:
+                continue
+            prefix = route.match.path_prefix
+            targets: list[dict[str, Route]] = []
+            if not route.match.hosts:
+                targets.append(self.any_host)
+            for host in route.match.hosts:
+                if host.startswith("*."):
+                    targets.append(self.wildcard.setdefault(host[2:], {}))
+                else:
+                    targets.append(self.exact.setdefault(host, {}))
+            for bucket in targets:
+                other = bucket.get(prefix)
+                if other is not None and other.name != route.name:
+                    self.problems.append(
+                        Problem(
+                            route.location,
+                            f"route {route.name!r} has the same match as route {other.name!r} "
+                            f"({other.location}): hosts and path_prefix {prefix!r}",
+                        )
+                    )
+                bucket.setdefault(prefix, route)
+
+    def find(self, host: str, path: str) -> Route | None:
+        buckets: list[dict[str, Route]] = []
+        if (exact := self.exact.get(host)) is not None:
+            buckets.append(exact)
+        if self.wildcard:
+            labels = host.split(".")
+            for i in range(1, len(labels)):
+                if (bucket := self.wildcard.get(".".join(labels[i:]))) is not None:
+                    buckets.append(bucket)
+        if self.any_host:
+            buckets.append(self.any_host)
+        if not buckets:
+            return None
+        for prefix in path_prefixes(path):
+            for bucket in buckets:
+                if (route := bucket.get(prefix)) is not None:
+                    return route
+        return None
+
+
+def normalize_path(path: str) -> str:
+    """The path used for matching: no query, percent-decoded, dot segments and // resolved.
+
+    Matching the path an upstream will most likely serve (not the raw one) keeps
+    ``/open/../admin`` from being taken for a request under ``/open``.
+    """
+    path = path.split("?", 1)[0].split("#", 1)[0]
+    path = unquote(path).replace("\\", "/")
+    if not path.startswith("/"):
+        path = "/" + path
+    normalized = posixpath.normpath(path)
+    if normalized.startswith("//"):
+        normalized = "/" + normalized.lstrip("/")
+    return normalized
+
+
+def path_prefixes(path: str) -> list[str]:
+    """``/a/b/c`` -> ``/a/b/c``, ``/a/b``, ``/a``, ``/``: the prefixes a route may name."""
+    normalized = normalize_path(path)
+    result = []
+    while normalized not in ("/", ""):
+        result.append(normalized)
+        normalized = normalized.rsplit("/", 1)[0]
+    result.append("/")
+    return result
+
+
+class Policy:
+    """A compiled, immutable config. Swapped whole on reload, never changed in place."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.version = config.version
+        self.settings = config.settings
+        order = {name: i for i, name in enumerate(config.clients)}
+        self.clients_by_ip: RangeIndex[str] = RangeIndex(
+            ((network, client.name) for client in config.clients.values() for network in client.networks),
+            order=order,
+        )
+        self.trusted_proxies: RangeIndex[bool] = RangeIndex((n, True) for n in config.settings.trusted_proxies)
+        self.enabled_clients = frozenset(c.name for c in config.clients.values() if c.enabled)
+        self.access: dict[tuple[str, str], RouteAccess] = {}
+        for assignment in config.assignments:
+            names = frozenset(assignment.clients)
+            self.access[(assignment.route, assignment.environment)] = RouteAccess(
+                allowed=names & self.enabled_clients, assigned=names
+            )
+        self.routes = config.routes
+        self.route_table = RouteTable(list(config.routes.values()))
+        self.enabled_keys: tuple[ApiKey, ...] = tuple(k for k in config.api_keys.values() if k.enabled)
+        self.any_open_route = any(r.enabled and not r.requires_clients for r in config.routes.values())
+        self.any_test_key = any(k.type == "test" for k in self.enabled_keys)
+        if self.route_table.problems:
+            raise ConfigError(self.route_table.problems)
+
+    def access_for(self, route: str, environment: str) -> RouteAccess:
+        return self.access.get((route, environment), _NO_ACCESS)
+
+
+_NO_ACCESS = RouteAccess(frozenset(), frozenset())
+
+
+def load_policy(folder: str | Path) -> Policy:
+    """Load, validate and compile a config folder. Raises ConfigError."""
+    return Policy(load_config(folder))

@@ -1,0 +1,300 @@
+"""The mitmproxy adapter: options, hooks and flow annotations around the pure decision.
+
+Fail closed everywhere: a hook that raises would let mitmproxy forward the request,
+so every hook catches its own errors and denies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from mitmproxy import ctx, exceptions, http, tcp, udp
+from mitmproxy.proxy import mode_specs
+
+from knoxcall_addon.accesslog import AccessLog, utc_timestamp
+from knoxcall_addon.decision import (
+    ENVIRONMENT_HEADER,
+    HEADER_PREFIX,
+    KEY_HEADER,
+    REQUEST_ID_HEADER,
+    ROUTE_HEADER,
+    Decision,
+    RequestFacts,
+    decide,
+    decide_connection,
+    internal_error,
+)
+from knoxcall_addon.model import ConfigError
+from knoxcall_addon.policy import Policy, load_policy
+
+logger = logging.getLogger("knoxcall")
+
+METADATA_KEY = "knoxcall"
+DENIED_MARKER = ":no_entry:"
+
+
+@dataclass(frozen=True)
+class LoadedPolicy:
+    """A policy and when it came into force; replaced by one assignment on reload."""
+
+    policy: Policy
+    loaded_at: float
+
+
+class KnoxCall:
+    """Client IP authorization per route and environment."""
+
+    def __init__(self) -> None:
+        self.current: LoadedPolicy | None = None
+        self.access_log: AccessLog | None = None
+        self._pending: set[str] = set()  # ids of HTTP flows decided but not yet access-logged
+
+    # -- options -----------------------------------------------------------------------
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "knoxcall_config",
+            str,
+            "config",
+            "Folder of KnoxCall YAML files (clients, routes, environments, assignments).",
+        )
+        loader.add_option(
+            "knoxcall_access_log",
+            str,
+            "",
+            "File to append one JSON line per request to; empty for none.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "knoxcall_config" in updated:
+            folder = ctx.options.knoxcall_config
+            try:
+                policy = load_policy(folder)
+            except ConfigError as e:
+                # At start this makes mitmproxy log an error and exit; later it rolls
+                # the option back, so the previous policy stays in force.
+                raise exceptions.OptionsError(f"knoxcall: invalid config in {folder}:\n{e}") from None
+            self.install(policy)
+        if "knoxcall_access_log" in updated:
+            if self.access_log:
+                self.access_log.close()
+                self.access_log = None
+            if ctx.options.knoxcall_access_log:
+                try:
+                    self.access_log = AccessLog(ctx.options.knoxcall_access_log)
+                except OSError as e:
+                    raise exceptions.OptionsError(f"knoxcall: cannot open access log: {e}") from None
+
+    def install(self, policy: Policy) -> None:
+        """Put a compiled policy in force: one reference assignment."""
+        self.current = LoadedPolicy(policy, time.time())
+        config = policy.config
+        logger.info(
+            f"knoxcall: config {policy.version} loaded from {config.folder}: "
+            f"{len(config.clients)} clients, {len(policy.clients_by_ip)} ranges, "
+            f"{len(config.routes)} routes, {len(config.environments)} environments, "
+            f"{len(config.assignments)} assignments"
+        )
+
+    def done(self) -> None:
+        if self.access_log:
+            self.access_log.close()
+            self.access_log = None
+
+    # -- HTTP --------------------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Decide as soon as the headers are in, before any body is read or forwarded."""
+        if flow.response or flow.error or METADATA_KEY in flow.metadata:
+            return
+        request_id = uuid.uuid4().hex
+        request = flow.request
+        seen = {
+            "method": request.method,
+            "host": request.pretty_host,
+            "path": request.path,
+            "user_agent": request.headers.get("user-agent"),
+        }
+        try:
+            current = self.current
+            if current is None:
+                raise RuntimeError("no policy loaded")
+            decision = decide(current.policy, request_facts(flow, current.policy))
+            if decision.allowed:
+                forward(flow, decision)
+        except Exception as e:
+            logger.exception(f"knoxcall: error while deciding request {request_id}; denying it")
+            peer = peer_host(flow)
+            decision = internal_error(peer, peer, f"{type(e).__name__}: {e}", self._version())
+        self._record(flow, decision, request_id, seen)
+        self._pending.add(flow.id)
+        if not decision.allowed:
+            flow.response = denial_response(decision, request_id)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        """CONNECT in forward mode: refuse tunnels from peers that nothing could allow."""
+        if flow.response or flow.error:
+            return
+        decision, request_id = self._decide_connection(flow, tunnel=True)
+        if not decision.allowed:
+            flow.response = denial_response(decision, request_id)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Every response we make or forward carries the request id (also when streamed)."""
+        meta = flow.metadata.get(METADATA_KEY)
+        if meta and flow.response is not None:
+            flow.response.headers[REQUEST_ID_HEADER] = meta["request_id"]
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._complete(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._complete(flow)
+
+    # -- TCP / UDP ---------------------------------------------------------------------
+
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        self._decide_connection(flow, tunnel=False)
+
+    def udp_start(self, flow: udp.UDPFlow) -> None:
+        self._decide_connection(flow, tunnel=False)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _version(self) -> str:
+        return self.current.policy.version if self.current else ""
+
+    def _decide_connection(self, flow: http.HTTPFlow | tcp.TCPFlow | udp.UDPFlow, tunnel: bool) -> tuple[Decision, str]:
+        """Decide a connection-level flow; its access log line is written at once."""
+        request_id = uuid.uuid4().hex
+        peer = peer_host(flow)
+        try:
+            current = self.current
+            if current is None:
+                raise RuntimeError("no policy loaded")
+            decision = decide_connection(current.policy, peer, tunnel=tunnel)
+        except Exception as e:
+            logger.exception(f"knoxcall: error while deciding connection {request_id}; denying it")
+            decision = internal_error(peer, peer, f"{type(e).__name__}: {e}", self._version())
+        seen: dict[str, Any] = {"method": "CONNECT" if tunnel else None, "host": None, "path": None}
+        if isinstance(flow, http.HTTPFlow):
+            seen["host"] = flow.request.pretty_host
+        elif flow.server_conn.address:
+            seen["host"] = str(flow.server_conn.address[0])
+        self._record(flow, decision, request_id, seen)
+        meta = flow.metadata[METADATA_KEY]
+        if isinstance(flow, http.HTTPFlow):
+            meta["status"] = decision.status if not decision.allowed else 200
+        else:
+            meta["status"] = None  # a raw connection has no status; "decision" says it all
+            if not decision.allowed:
+                flow.kill()
+        self._write_access_log(flow, dict(meta))
+        return decision, request_id
+
+    def _record(self, flow: Any, decision: Decision, request_id: str, seen: dict[str, Any]) -> None:
+        """Annotate the flow (comment, mark, metadata) and write the event log line."""
+        flow.metadata[METADATA_KEY] = {"request_id": request_id, **seen, **decision.fields()}
+        line = f"{decision.summary()} id={request_id}"
+        flow.comment = line
+        if decision.allowed:
+            logger.info(line)
+        else:
+            flow.marked = DENIED_MARKER
+            if decision.reason == "internal_error":
+                logger.error(line)
+            else:
+                logger.warning(line)
+
+    def _complete(self, flow: http.HTTPFlow) -> None:
+        """Write the access log line once, when the request is answered or fails."""
+        if flow.id not in self._pending:
+            return
+        self._pending.discard(flow.id)
+        meta = dict(flow.metadata[METADATA_KEY])
+        meta["status"] = flow.response.status_code if flow.response else None
+        meta["latency_ms"] = round((time.time() - flow.request.timestamp_start) * 1000, 3)
+        meta["ts"] = utc_timestamp(flow.request.timestamp_start)
+        self._write_access_log(flow, meta)
+
+    def _write_access_log(self, flow: Any, record: dict[str, Any]) -> None:
+        if self.access_log is None:
+            return
+        record.setdefault("ts", utc_timestamp(time.time()))
+        try:
+            self.access_log.write(record)
+        except Exception:
+            logger.exception("knoxcall: cannot write the access log")
+
+
+def peer_host(flow: Any) -> str:
+    """The TCP peer's host as mitmproxy reports it (peername may be a 4-tuple)."""
+    peername = flow.client_conn.peername
+    return str(peername[0]) if peername else ""
+
+
+def request_facts(flow: http.HTTPFlow, policy: Policy) -> RequestFacts:
+    """Read what the decision needs from the flow; the header names come from the policy."""
+    request = flow.request
+    headers = request.headers
+    if isinstance(flow.client_conn.proxy_mode, mode_specs.ReverseMode):
+        # In reverse mode the destination is fixed by the proxy or the route, so the
+        # Host the client asked for is what selects the route.
+        host = request.pretty_host
+    else:
+        # Elsewhere the request goes where request.host says: match that, never a
+        # Host header that could name another (open) route.
+        host = request.host
+    return RequestFacts(
+        peer=peer_host(flow),
+        method=request.method,
+        host=host.lower().rstrip("."),
+        path=request.path,
+        route=headers.get(ROUTE_HEADER),
+        environment=headers.get(ENVIRONMENT_HEADER),
+        api_key=headers.get(KEY_HEADER),
+        forwarded_for=tuple(headers.get_all(policy.settings.client_ip_header)),
+    )
+
+
+def forward(flow: http.HTTPFlow, decision: Decision) -> None:
+    """Prepare an allowed request for upstream: strip our headers, extend XFF, re-target."""
+    request = flow.request
+    for name in [n for n in request.headers if n.lower().startswith(HEADER_PREFIX)]:
+        del request.headers[name]
+    peer = decision.peer_ip or peer_host(flow)
+    existing = request.headers.get_all("X-Forwarded-For")
+    request.headers["X-Forwarded-For"] = ", ".join([*existing, peer]) if existing else peer
+    if decision.target_url:
+        target = urlsplit(decision.target_url)
+        request.scheme = target.scheme
+        request.host = target.hostname or ""
+        request.port = target.port or (443 if target.scheme == "https" else 80)
+        base = target.path.rstrip("/")
+        if base:
+            request.path = base + (request.path if request.path.startswith("/") else "/" + request.path)
+        request.host_header = _authority(target.scheme, request.host, request.port)
+
+
+def _authority(scheme: str, host: str, port: int) -> str:
+    default = 443 if scheme == "https" else 80
+    host_text = f"[{host}]" if ":" in host else host
+    return host_text if port == default else f"{host_text}:{port}"
+
+
+def denial_response(decision: Decision, request_id: str) -> http.Response:
+    body = {**decision.body, "request_id": request_id}
+    headers = {
+        "Content-Type": "application/json",
+        REQUEST_ID_HEADER: request_id,
+        "Cache-Control": "no-store",
+    }
+    if decision.allow_methods:
+        headers["Allow"] = ", ".join(decision.allow_methods)
+    return http.Response.make(decision.status, json.dumps(body).encode(), headers)
