@@ -246,6 +246,7 @@ class _Builder:
     ) -> dict[str, Any]:
         pattern = ENVIRONMENT_NAME if what == "environment" else OBJECT_NAME
         result: dict[str, Any] = {}
+        first_seen: dict[str, Location] = {}
         for entry, where in entries:
             if not isinstance(entry, LocatedDict):
                 self.error(where, f"each {what} must be a mapping with a 'name'")
@@ -253,15 +254,14 @@ class _Builder:
             name = self.name_field(entry, what, pattern)
             if name is None:
                 continue
-            if name in result:
-                self.error(
-                    entry.key_locations["name"],
-                    f"{what} {name!r} is defined twice (first at {result[name].location})",
-                )
+            if name in first_seen:
+                first = first_seen[name]
+                self.error(entry.key_locations["name"], f"{what} {name!r} is defined twice (first at {first})")
                 continue
-            made = make(entry, name)
-            if made is not None:
-                result[name] = made
+            first_seen[name] = entry.location
+            # An entry with problems keeps its name (as None) so that references to it
+            # do not add a second, misleading "unknown name" error.
+            result[name] = make(entry, name)
         return result
 
     def _settings(self, environments: dict[str, Environment]) -> Settings:
