@@ -70,7 +70,9 @@ class _LocatingLoader(yaml.SafeLoader):
                     ]
                 )
             result[key] = self.construct_object(value_node, deep=True)
-            result.key_locations[key] = self._location(value_node)
+            # The key's line, not the value's: a block value starts on the next line,
+            # and "unknown key" or "first at line N" must point at the key itself.
+            result.key_locations[key] = self._location(key_node)
         return result
 
     def construct_located_sequence(self, node: yaml.SequenceNode) -> LocatedList:
