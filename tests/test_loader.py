@@ -1,0 +1,566 @@
+"""Config loading: what loads, and every error naming file, line and what is wrong.
+
+The config is written as YAML text (not dumped from Python values) so that the line
+numbers the errors must name are visible in the test itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from knoxcall_addon.loader import load_config
+from knoxcall_addon.model import ConfigError
+from knoxcall_addon.policy import load_policy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ENVS = """\
+environments:
+  - name: production
+  - name: staging
+"""  # lines 1-3; everything appended starts at line 4
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def errors(folder: Path, *, policy: bool = False) -> list[str]:
+    """The problems of a config that must not load, as 'file:line: message' with the folder removed."""
+    with pytest.raises(ConfigError) as caught:
+        (load_policy if policy else load_config)(folder)
+    return [str(p).replace(f"{folder}/", "") for p in caught.value.problems]
+
+
+def one_error(folder: Path, **kw: bool) -> str:
+    found = errors(folder, **kw)
+    assert len(found) == 1, found
+    return found[0]
+
+
+# -- what loads ------------------------------------------------------------------------
+
+
+def test_example_config_folder_loads() -> None:
+    """The shipped config/ is valid and compiles; scripts/run relies on it."""
+    policy = load_policy(ROOT / "config")
+    config = policy.config
+    assert config.settings.default_environment == "production"
+    assert {"production", "staging", "development"} <= set(config.environments)
+    assert "my-first-route" in config.routes
+    assert config.clients["dev-laptop"].networks == (
+        ipaddress.ip_network("127.0.1.0/24"),
+        ipaddress.ip_network("::1/128"),
+    )
+    assert config.clients["old-vpn"].enabled is False
+    assert policy.clients_by_ip.lookup(ipaddress.ip_address("127.0.0.5")) == ("office-network",)
+
+
+def test_multi_file_merge_yml_yaml_hidden_and_empty(tmp_path: Path) -> None:
+    folder = tmp_path / "cfg"
+    write(folder, "a-settings.yaml", "settings:\n  default_environment: staging\n" + ENVS)
+    write(folder, "b-clients.yml", "clients:\n  - name: one\n    ip_address: 10.0.0.1\n")
+    write(folder, "c-more-clients.yaml", "clients:\n  - name: two\n    ip_address: [10.0.1.0/24]\n")
+    write(folder, "d-routes.yaml", "routes:\n  - name: r\nassignments:\n  r: {staging: [one, two]}\n")
+    write(folder, "e-empty.yaml", "")
+    write(folder, "f-comment-only.yaml", "# nothing here yet\n")
+    # Hidden files (editor swap files, ConfigMap's ..data) and other suffixes are not read,
+    # even though they would be errors.
+    write(folder, ".hidden.yaml", "clients: not-a-list\n")
+    write(folder, "notes.txt", "bogus: [\n")
+    write(folder, "backup.yaml.bak", "bogus: 1\n")
+    config = load_config(folder)
+    assert set(config.clients) == {"one", "two"}
+    assert list(config.clients) == ["one", "two"]  # file order, then declaration order
+    assert config.settings.default_environment == "staging"
+    assert config.assigned_clients("r", "staging") == ("one", "two")
+    assert [Path(f).name for f in config.files] == [
+        "a-settings.yaml",
+        "b-clients.yml",
+        "c-more-clients.yaml",
+        "d-routes.yaml",
+        "e-empty.yaml",
+        "f-comment-only.yaml",
+    ]
+
+
+def test_defaults_and_all_address_forms(tmp_path: Path) -> None:
+    folder = tmp_path / "cfg"
+    write(
+        folder,
+        "k.yaml",
+        ENVS
+        + """\
+clients:
+  - name: single
+    ip_address: 10.1.2.3
+  - name: comma
+    ip_address: "10.0.0.0/8, 2001:db8::/32 ,192.168.0.1"
+  - name: listed
+    type: user
+    enabled: false
+    ip_address: [172.16.0.0/12, "::1"]
+  - name: mapped
+    ip_address: "::ffff:10.9.9.9"
+  - name: mapped-range
+    ip_address: "::ffff:10.9.0.0/112"
+""",
+    )
+    config = load_config(folder)
+    net = ipaddress.ip_network
+    assert config.clients["single"].networks == (net("10.1.2.3/32"),)
+    assert config.clients["single"].type == "server" and config.clients["single"].enabled
+    assert config.clients["comma"].networks == (net("10.0.0.0/8"), net("2001:db8::/32"), net("192.168.0.1/32"))
+    assert config.clients["listed"].networks == (net("172.16.0.0/12"), net("::1/128"))
+    assert config.clients["listed"].type == "user" and not config.clients["listed"].enabled
+    # IPv4-mapped IPv6 is taken as the IPv4 address (callers' addresses are normalised the same way).
+    assert config.clients["mapped"].networks == (net("10.9.9.9/32"),)
+    assert config.clients["mapped-range"].networks == (net("10.9.0.0/16"),)
+    s = config.settings
+    assert (s.default_environment, s.client_ip_header, s.unmatched_requests, s.trusted_proxies) == (
+        "production",
+        "X-Forwarded-For",
+        "deny",
+        (),
+    )
+
+
+def test_route_fields_and_overrides(tmp_path: Path) -> None:
+    folder = tmp_path / "cfg"
+    write(
+        folder,
+        "r.yaml",
+        ENVS
+        + """\
+routes:
+  - name: api
+    target_base_url: https://api.example.com/base
+    requires_api_key: true
+    allowed_methods: [get, POST]
+    match: {hosts: [API.Example.com, "*.example.org"], path_prefix: /v1/}
+    environments:
+      staging: {target_base_url: "http://127.0.0.1:9000", allowed_methods: [GET]}
+""",
+    )
+    route = load_config(folder).routes["api"]
+    assert route.requires_clients is True and route.requires_api_key is True and route.enabled is True
+    assert route.allowed_methods == frozenset({"GET", "POST"})
+    assert route.match is not None
+    assert route.match.hosts == ("api.example.com", "*.example.org")
+    assert route.match.path_prefix == "/v1"  # a trailing slash is the same segment prefix
+    assert route.target_for("production") == "https://api.example.com/base"
+    assert route.target_for("staging") == "http://127.0.0.1:9000"
+    assert route.methods_for("staging") == frozenset({"GET"})
+    assert route.methods_for("production") == frozenset({"GET", "POST"})
+
+
+# -- errors: each names file and line ---------------------------------------------------
+
+
+def test_broken_yaml(tmp_path: Path) -> None:
+    folder = tmp_path / "cfg"
+    write(folder, "bad.yaml", ENVS + "clients:\n  - name: a\n    ip_address: [10.0.0.1\n")
+    message = one_error(folder)
+    assert message.startswith("bad.yaml:")
+    assert "invalid YAML" in message
+    line = int(message.split(":")[1])
+    assert 6 <= line <= 7  # the unclosed flow list, or the end of the file just after it
+
+
+def test_yaml_tab_indentation_error_has_line(tmp_path: Path) -> None:
+    folder = tmp_path / "cfg"
+    write(folder, "bad.yaml", ENVS + "clients:\n\t- name: a\n")
+    assert one_error(folder).startswith("bad.yaml:5: invalid YAML")
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    (folder / "bin.yaml").write_bytes(b"environments:\n  - name: production\n# caf\xe9\n")
+    assert one_error(folder) == "bin.yaml:3: file is not valid UTF-8"
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config folder does not exist"):
+        load_config(tmp_path / "nope")
+
+
+def test_file_that_is_not_a_mapping(tmp_path: Path) -> None:
+    folder = tmp_path / "cfg"
+    write(folder, "a.yaml", ENVS)
+    write(folder, "list.yaml", "- name: production\n")
+    assert one_error(folder).startswith("list.yaml:1: the file must be a mapping")
+
+
+def test_duplicate_key_in_a_mapping(tmp_path: Path) -> None:
+    folder = tmp_path / "cfg"
+    write(folder, "a.yaml", ENVS + "clients:\n  - name: a\n    ip_address: 10.0.0.1\n    ip_address: 10.0.0.2\n")
+    assert one_error(folder) == "a.yaml:7: duplicate key 'ip_address' (first at line 6)"
+
+
+def test_duplicate_top_level_key_points_at_keys(tmp_path: Path) -> None:
+    folder = tmp_path / "cfg"
+    write(folder, "a.yaml", ENVS + "environments:\n  - name: development\n")
+    assert one_error(folder) == "a.yaml:4: duplicate key 'environments' (first at line 1)"
+
+
+def test_name_defined_twice_in_one_file(tmp_path: Path) -> None:
+    folder = tmp_path / "cfg"
+    write(
+        folder,
+        "a.yaml",
+        ENVS + "clients:\n  - name: a\n    ip_address: 10.0.0.1\n  - name: a\n    ip_address: 10.0.0.2\n",
+    )
+    assert one_error(folder) == "a.yaml:7: client 'a' is defined twice (first at a.yaml:5)"
+
+
+def test_name_defined_twice_across_files(tmp_path: Path) -> None:
+    folder = tmp_path / "cfg"
+    write(folder, "a.yaml", ENVS + "routes:\n  - name: api\n")
+    write(folder, "b.yml", "routes:\n  - {name: other}\n  - name: api\n")
+    assert one_error(folder) == "b.yml:3: route 'api' is defined twice (first at a.yaml:5)"
+
+
+def test_environment_and_setting_defined_twice_across_files(tmp_path: Path) -> None:
+    folder = tmp_path / "cfg"
+    write(folder, "a.yaml", ENVS + "settings:\n  client_ip_header: X-Real-IP\n")
+    write(folder, "b.yaml", "environments:\n  - name: staging\nsettings:\n  client_ip_header: X-Forwarded-For\n")
+    found = errors(folder)
+    assert "b.yaml:2: environment 'staging' is defined twice (first at a.yaml:3)" in found
+    assert any(e.startswith("b.yaml:4: settings.client_ip_header is defined twice (first at a.yaml:5)") for e in found)
+    assert len(found) == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("clientz:\n  - name: a\n", "a.yaml:4: unknown key 'clientz' in the top level (did you mean 'clients'?)"),
+        (
+            "settings:\n  trusted_proxy: []\n",
+            "a.yaml:5: unknown key 'trusted_proxy' in settings (did you mean 'trusted_proxies'?)",
+        ),
+        (
+            "clients:\n  - name: a\n    ip_adress: 10.0.0.1\n",
+            "a.yaml:6: unknown key 'ip_adress' in client 'a' (did you mean 'ip_address'?)",
+        ),
+        (
+            "routes:\n  - name: r\n    required_api_key: true\n",
+            "a.yaml:6: unknown key 'required_api_key' in route 'r' (did you mean 'requires_api_key'?)",
+        ),
+        (
+            "routes:\n  - name: r\n    match:\n      path_prefx: /v1\n",
+            "a.yaml:7: unknown key 'path_prefx' in route 'r' match (did you mean 'path_prefix'?)",
+        ),
+        (
+            "routes:\n  - name: r\n    environments:\n      staging:\n        target_base_uri: http://x\n",
+            "a.yaml:8: unknown key 'target_base_uri' in route 'r' environment 'staging' "
+            "(did you mean 'target_base_url'?)",
+        ),
+        (
+            "api_keys:\n  - name: k\n    key_sha256: " + "ab" * 32 + "\n    typ: test\n",
+            "a.yaml:7: unknown key 'typ' in API key 'k' (did you mean 'type'?)",
+        ),
+        (
+            "environments_extra: 1\n",
+            "a.yaml:4: unknown key 'environments_extra' in the top level (did you mean 'environments'?)",
+        ),
+    ],
+    ids=["top", "settings", "client", "route", "match", "override", "api_key", "top2"],
+)
+def test_unknown_key_with_suggestion(tmp_path: Path, text: str, expected: str) -> None:
+    folder = tmp_path / "cfg"
+    write(folder, "a.yaml", ENVS + text)
+    found = errors(folder)
+    assert any(e.startswith(expected) for e in found), found
+
+
+def test_unknown_key_with_block_value_points_at_the_key(tmp_path: Path) -> None:
+    """Regression: the line of a key whose value is a block list is the key's line."""
+    folder = tmp_path / "cfg"
+    write(folder, "a.yaml", ENVS + "bogus:\n  - 1\n  - 2\n")
+    assert one_error(folder).startswith("a.yaml:4: unknown key 'bogus' in the top level")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "clients:\n  - name: a\n    ip_address: 10.0.0.1\n    enabled: 'false'\n",
+            "a.yaml:7: client 'a': 'enabled' must be true or false, not a string ('false')",
+        ),
+        (
+            "routes:\n  - name: r\n    requires_clients: 'no'\n",
+            "a.yaml:6: route 'r': 'requires_clients' must be true or false, not a string ('no')",
+        ),
+        (
+            "routes:\n  - name: r\n    description: true\n",
+            "a.yaml:6: route 'r': 'description' must be a string, not true or false (True)",
+        ),
+        (
+            "routes:\n  - name: r\n    match: [api.example.com]\n",
+            "a.yaml:6: route 'r': 'match' must be a mapping, not a list",
+        ),
+        (
+            "routes:\n  - name: r\n    match: {hosts: api.example.com}\n",
+            "a.yaml:6: route 'r' match: 'hosts' must be a list, not a string",
+        ),
+        (
+            "routes:\n  - name: r\n    environments: [staging]\n",
+            "a.yaml:6: route 'r': 'environments' must be a mapping, not a list",
+        ),
+        (
+            "routes:\n  - name: r\n    allowed_methods: GET\n",
+            "a.yaml:6: route 'r': allowed_methods must be a non-empty list",
+        ),
+        ("routes:\n  - name: r\n    allowed_methods: [GET, 7]\n", "a.yaml:6: route 'r': 7 is not an HTTP method"),
+        ("clients: {a: 10.0.0.1}\n", "a.yaml:4: 'clients' must be a list"),
+        ("settings: [a]\n", "a.yaml:4: 'settings' must be a mapping"),
+        ("clients:\n  - a\n", "a.yaml:5: each client must be a mapping with a 'name'"),
+        ("clients:\n  - ip_address: 10.0.0.1\n", "a.yaml:5: client is missing required key 'name'"),
+        ("clients:\n  - name: 12\n    ip_address: 10.0.0.1\n", "a.yaml:5: client: 'name' must be a string"),
+        ("clients:\n  - name: a\n", "a.yaml:5: client 'a' is missing required key 'ip_address'"),
+        (
+            "clients:\n  - name: a\n    ip_address: {net: 10.0.0.0/8}\n",
+            "a.yaml:6: client 'a' must be an IP, a CIDR, a comma-separated string or a list",
+        ),
+        ("clients:\n  - name: a\n    ip_address: [10]\n", "a.yaml:6: client 'a': 10 must be a string"),
+        ("clients:\n  - name: a\n    ip_address: 10.0.0.1\n    type: robot\n", "a.yaml:7: client 'a': type must be"),
+        (
+            "api_keys:\n  - name: k\n    key_sha256: " + "ab" * 32 + "\n    type: prod\n",
+            "a.yaml:7: API key 'k': type must be 'live' or 'test'",
+        ),
+        ("settings:\n  unmatched_requests: maybe\n", "a.yaml:5: settings.unmatched_requests must be 'deny' or 'allow'"),
+        ("settings:\n  default_environment: [production]\n", "a.yaml:5: settings.default_environment must be"),
+        ("settings:\n  client_ip_header: 'X Forwarded'\n", "a.yaml:5: settings.client_ip_header must be a header"),
+        ("assignments:\n  r: [a]\n", None),  # unknown route first; see below
+    ],
+)
+def test_wrong_types(tmp_path: Path, text: str, expected: str | None) -> None:
+    folder = tmp_path / "cfg"
+    write(folder, "a.yaml", ENVS + text)
+    found = errors(folder)
+    if expected is None:
+        assert found == ["a.yaml:5: assignments: unknown route 'r'"]
+        return
+    assert len(found) == 1, found
+    assert found[0].startswith(expected), found[0]
+
+
+def test_assignment_value_types(tmp_path: Path) -> None:
+    folder = tmp_path / "cfg"
+    write(
+        folder,
+        "a.yaml",
+        ENVS
+        + """\
+clients: [{name: c, ip_address: 10.0.0.1}]
+routes: [{name: r}, {name: s}]
+assignments:
+  r: [c]
+  s:
+    production: {c: true}
+    staging: [c, c, 5]
+""",
+    )
+    assert errors(folder) == [
+        "a.yaml:7: assignments.r must map environments to lists of clients",
+        "a.yaml:9: assignments.s.production must be a list of client names",
+        "a.yaml:10: assignments.s.staging: 'c' is listed twice",
+        "a.yaml:10: assignments.s.staging: 5 is not a name",
+    ]
+
+
+def test_dangling_references(tmp_path: Path) -> None:
+    folder = tmp_path / "cfg"
+    write(
+        folder,
+        "a.yaml",
+        ENVS
+        + """\
+clients:
+  - name: office
+    ip_address: 10.0.0.0/8
+routes:
+  - name: api
+    environments:
+      develop: {allowed_methods: [GET]}
+assignments:
+  ap1:
+    production: [office]
+  api:
+    stagin: [office]
+    production:
+      - ofice
+""",
+    )
+    assert errors(folder) == [
+        "a.yaml:10: route 'api': unknown environment 'develop'",
+        "a.yaml:12: assignments: unknown route 'ap1' (did you mean 'api'?)",
+        "a.yaml:15: assignments.api: unknown environment 'stagin' (did you mean 'staging'?)",
+        "a.yaml:17: assignments.api.production: unknown client 'ofice' (did you mean 'office'?)",
+    ]
+
+
+def test_default_environment_not_defined(tmp_path: Path) -> None:
+    folder = tmp_path / "cfg"
+    write(folder, "a.yaml", ENVS + "settings:\n  default_environment: prod\n")
+    assert one_error(folder) == "a.yaml:5: default environment 'prod' is not defined under 'environments'"
+
+
+def test_implicit_default_environment_must_be_defined(tmp_path: Path) -> None:
+    folder = tmp_path / "cfg"
+    write(folder, "a.yaml", "environments:\n  - name: staging\n")
+    message = one_error(folder)
+    assert message.startswith("a.yaml")
+    assert "default environment 'production' is not defined" in message
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("192.168.1.5/24", "'192.168.1.5/24' has host bits set; did you mean 192.168.1.0/24 (or 192.168.1.5 alone)?"),
+        ("2001:db8::1/32", "'2001:db8::1/32' has host bits set; did you mean 2001:db8::/32 (or 2001:db8::1 alone)?"),
+        ("10.0.0.0/33", "'10.0.0.0/33' is not an IP address or CIDR range"),
+        ("10.0.0.300", "'10.0.0.300' is not an IP address or CIDR range"),
+        ("office", "'office' is not an IP address or CIDR range"),
+        ("fe80::1%eth0", "'fe80::1%eth0': zone indexes (%...) are not allowed in config"),
+        ("'10.0.0.1, 10.0.0.x, 10.0.0.3'", "'10.0.0.x' is not an IP address or CIDR range"),
+        ("'10.0.0.1,,10.0.0.3'", "empty address in '10.0.0.1,,10.0.0.3'"),
+    ],
+)
+def test_bad_addresses(tmp_path: Path, value: str, expected: str) -> None:
+    folder = tmp_path / "cfg"
+    write(folder, "a.yaml", ENVS + f"clients:\n  - name: a\n    ip_address: {value}\n")
+    assert one_error(folder) == f"a.yaml:6: {expected}"
+
+
+def test_bad_address_in_a_list_names_its_own_line(tmp_path: Path) -> None:
+    folder = tmp_path / "cfg"
+    write(folder, "a.yaml", ENVS + "clients:\n  - name: a\n    ip_address:\n      - 10.0.0.1\n      - 10.0.0.1/8\n")
+    assert one_error(folder).startswith("a.yaml:8: '10.0.0.1/8' has host bits set; did you mean 10.0.0.0/8")
+
+
+@pytest.mark.parametrize("value", ["''", "", "[]"], ids=["empty-string", "null", "empty-list"])
+def test_empty_ip_address(tmp_path: Path, value: str) -> None:
+    folder = tmp_path / "cfg"
+    write(folder, "a.yaml", ENVS + f"clients:\n  - name: a\n    ip_address: {value}\n")
+    found = errors(folder)
+    assert "a.yaml:6: client 'a' has no IP addresses" in found
+
+
+def test_bad_trusted_proxies(tmp_path: Path) -> None:
+    folder = tmp_path / "cfg"
+    write(folder, "a.yaml", ENVS + "settings:\n  trusted_proxies:\n    - 10.0.0.1\n    - 10.1.0.1/16\n")
+    assert one_error(folder).startswith("a.yaml:7: '10.1.0.1/16' has host bits set; did you mean 10.1.0.0/16")
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["ftp://files.example.com", "api.example.com/v1", "http://", "https://api.example.com/v1?x=1", "http://a:99999"],
+)
+def test_bad_target_base_url(tmp_path: Path, url: str) -> None:
+    folder = tmp_path / "cfg"
+    write(folder, "a.yaml", ENVS + f"routes:\n  - name: r\n    target_base_url: '{url}'\n")
+    message = one_error(folder)
+    assert message.startswith("a.yaml:6: route 'r': ")
+    assert url in message
+
+
+def test_bad_target_base_url_in_override(tmp_path: Path) -> None:
+    folder = tmp_path / "cfg"
+    write(folder, "a.yaml", ENVS + "routes:\n  - name: r\n    environments:\n      staging: {target_base_url: nope}\n")
+    assert one_error(folder).startswith("a.yaml:7: route 'r' (staging): target_base_url 'nope' must be")
+
+
+@pytest.mark.parametrize(
+    "digest",
+    ["abc", "zz" * 32, "ab" * 33, "the-secret-key-itself"],
+)
+def test_bad_key_sha256(tmp_path: Path, digest: str) -> None:
+    folder = tmp_path / "cfg"
+    write(folder, "a.yaml", ENVS + f"api_keys:\n  - name: k\n    key_sha256: '{digest}'\n")
+    assert one_error(folder) == (
+        "a.yaml:6: API key 'k': key_sha256 must be 64 hex digits (the SHA-256 of the key, never the key itself)"
+    )
+
+
+def test_key_sha256_missing(tmp_path: Path) -> None:
+    folder = tmp_path / "cfg"
+    write(folder, "a.yaml", ENVS + "api_keys:\n  - name: k\n    type: test\n")
+    assert one_error(folder) == "a.yaml:5: API key 'k' is missing required key 'key_sha256'"
+
+
+@pytest.mark.parametrize("name", ["Production", "prod env", "prod.eu", "é"])
+def test_bad_environment_name(tmp_path: Path, name: str) -> None:
+    folder = tmp_path / "cfg"
+    write(folder, "a.yaml", ENVS + f"  - name: '{name}'\n")
+    assert one_error(folder) == f"a.yaml:4: environment name {name!r} must match ^[a-z0-9_-]+$"
+
+
+def test_bad_object_names_and_hosts(tmp_path: Path) -> None:
+    folder = tmp_path / "cfg"
+    write(
+        folder,
+        "a.yaml",
+        ENVS
+        + """\
+clients:
+  - {name: '-dash', ip_address: 10.0.0.1}
+routes:
+  - name: r
+    match: {hosts: ['api example.com', '*.ok.com', 'a.*.com'], path_prefix: v1}
+""",
+    )
+    found = errors(folder)
+    assert found[0].startswith("a.yaml:5: client name '-dash' must match")
+    assert "a.yaml:8: route 'r': 'api example.com' is not a host name (a leading '*.' is allowed)" in found
+    assert "a.yaml:8: route 'r': 'a.*.com' is not a host name (a leading '*.' is allowed)" in found
+    assert "a.yaml:8: route 'r': path_prefix must start with '/'" in found
+    assert len(found) == 4
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    """An operator fixes a config in one go: all problems of all files are listed, sorted."""
+    folder = tmp_path / "cfg"
+    write(folder, "a.yaml", ENVS + "clients:\n  - {name: a, ip_address: 10.0.0.1/8}\n")
+    write(folder, "b.yaml", "routes:\n  - {name: r, enabled: 1}\nbogus: 1\n")
+    found = errors(folder)
+    assert [f.split(": ")[0] for f in found] == ["a.yaml:5", "b.yaml:2", "b.yaml:3"]
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("{hosts: [a.example.com], path_prefix: /v1}", "{hosts: [a.example.com], path_prefix: /v1/}"),
+        ("{path_prefix: /v1}", "{path_prefix: /v1}"),
+        ("{hosts: ['*.example.com']}", "{hosts: [b.example.com, '*.example.com'], path_prefix: /}"),
+    ],
+    ids=["host-and-prefix", "any-host", "wildcard"],
+)
+def test_two_routes_with_identical_match(tmp_path: Path, first: str, second: str) -> None:
+    folder = tmp_path / "cfg"
+    write(folder, "a.yaml", ENVS + f"routes:\n  - name: r\n    match: {first}\n  - name: s\n    match: {second}\n")
+    load_config(folder)  # each route is valid on its own; compiling the policy finds the clash
+    message = one_error(folder, policy=True)
+    assert message.startswith("a.yaml:7: route 's' has the same match as route 'r' (a.yaml:5)")
+
+
+def test_same_prefix_on_different_hosts_is_fine(tmp_path: Path) -> None:
+    folder = tmp_path / "cfg"
+    write(
+        folder,
+        "a.yaml",
+        ENVS + "routes:\n"
+        "  - {name: r, match: {hosts: [a.example.com], path_prefix: /v1}}\n"
+        "  - {name: s, match: {hosts: [b.example.com], path_prefix: /v1}}\n"
+        "  - {name: t, match: {path_prefix: /v1}}\n"
+        "  - {name: u, enabled: false, match: {path_prefix: /v1}}\n",
+    )
+    assert set(load_policy(folder).routes) == {"r", "s", "t", "u"}
