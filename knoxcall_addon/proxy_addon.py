@@ -165,6 +165,12 @@ class KnoxCall:
     def udp_start(self, flow: udp.UDPFlow) -> None:
         self._decide_connection(flow, tunnel=False)
 
+    def tcp_message(self, flow: tcp.TCPFlow) -> None:
+        drop_if_denied(flow)
+
+    def udp_message(self, flow: udp.UDPFlow) -> None:
+        drop_if_denied(flow)
+
     # -- internals ---------------------------------------------------------------------
 
     def _version(self) -> str:
@@ -194,7 +200,12 @@ class KnoxCall:
         else:
             meta["status"] = None  # a raw connection has no status; "decision" says it all
             if not decision.allowed:
-                flow.kill()
+                # mitmproxy 12 checks kills only on HTTP flows: a killed TCP/UDP flow is
+                # relayed anyway. An error on the server connection makes the pending
+                # connect fail, and the TCP/UDP layer then closes the client connection.
+                flow.server_conn.error = f"knoxcall: denied {decision.reason}"
+                if flow.killable:
+                    flow.kill()
         self._write_access_log(flow, dict(meta))
         return decision, request_id
 
@@ -231,6 +242,18 @@ class KnoxCall:
             self.access_log.write(record)
         except Exception:
             logger.exception("knoxcall: cannot write the access log")
+
+
+def drop_if_denied(flow: tcp.TCPFlow | udp.UDPFlow) -> None:
+    """Relay nothing on a raw connection that was not allowed (fail closed).
+
+    The connect is refused at tcp_start/udp_start; this covers a connection whose
+    upstream was already open then (eager connection strategy), and flows that were
+    never decided at all.
+    """
+    meta = flow.metadata.get(METADATA_KEY)
+    if (meta is None or meta.get("decision") != "allowed") and flow.messages:
+        flow.messages[-1].content = b""
 
 
 def peer_host(flow: Any) -> str:
