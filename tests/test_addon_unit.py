@@ -1,0 +1,563 @@
+"""The mitmproxy adapter on test flows: options, fail-closed hooks, annotations, rewriting, logs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mitmproxy import exceptions, hooks
+from mitmproxy.http import Headers, HTTPFlow
+from mitmproxy.proxy.mode_specs import ProxyMode
+from mitmproxy.test import taddons, tflow, tutils
+
+import knoxcall_addon.addon as entry_point
+from knoxcall_addon import proxy_addon
+from knoxcall_addon.accesslog import ACCESS_LOG_FIELDS
+from knoxcall_addon.proxy_addon import KnoxCall
+
+LIVE_KEY = "unit-live-secret"
+TEST_KEY = "unit-test-secret"
+
+
+def sha(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+CONFIG = f"""\
+settings:
+  trusted_proxies: [127.0.0.50]
+environments:
+  - name: production
+  - name: staging
+clients:
+  - name: local
+    ip_address: 127.0.0.0/29
+  - name: v6
+    ip_address: "::1, fe80::/64"
+  - name: gone
+    ip_address: 127.0.3.0/24
+    enabled: false
+routes:
+  - name: api
+    target_base_url: https://backend.example.com:8443/base/
+    allowed_methods: [GET, POST]
+    match: {{hosts: [api.example.com], path_prefix: /v1}}
+    environments:
+      staging: {{target_base_url: "http://[::1]:9000"}}
+  - name: plain
+    target_base_url: http://127.0.0.1/api
+    match: {{hosts: [plain.example.com]}}
+  - name: same-host
+    match: {{hosts: [same.example.com]}}
+  - name: open
+    requires_clients: false
+    match: {{hosts: [open.example.com]}}
+assignments:
+  api: {{production: [local, v6], staging: [local]}}
+  plain: {{production: [local]}}
+  same-host: {{production: [local]}}
+api_keys:
+  - name: live
+    key_sha256: "{sha(LIVE_KEY)}"
+  - name: tester
+    key_sha256: "{sha(TEST_KEY)}"
+    type: test
+"""
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "config"
+    folder.mkdir()
+    (folder / "knoxcall.yaml").write_text(CONFIG)
+    return folder
+
+
+@pytest.fixture
+def tctx(config_dir: Path) -> Iterator[tuple[KnoxCall, taddons.context]]:
+    addon = KnoxCall()
+    with taddons.context(addon) as context:
+        context.configure(addon, knoxcall_config=str(config_dir))
+        yield addon, context
+    addon.done()
+
+
+def make_flow(
+    peer: Any = ("127.0.0.5", 50000),
+    host: str = "api.example.com",
+    path: str = "/v1/users",
+    method: str = "GET",
+    headers: list[tuple[str, str]] | None = None,
+    mode: str = "regular",
+    port: int = 80,
+) -> HTTPFlow:
+    fields = [("user-agent", "unit-test/1"), *(headers or [])]
+    request = tutils.treq(
+        host=host,
+        port=port,
+        method=method.encode(),
+        path=path.encode(),
+        headers=Headers([(k.encode(), v.encode()) for k, v in fields]),
+        content=b"",
+    )
+    flow = tflow.tflow(req=request)
+    flow.client_conn.peername = peer
+    flow.client_conn.proxy_mode = ProxyMode.parse(mode)
+    return flow
+
+
+def body(flow: HTTPFlow) -> dict[str, Any]:
+    assert flow.response is not None
+    return json.loads(flow.response.get_text())
+
+
+# -- options -------------------------------------------------------------------------------
+
+
+def test_configure_loads_and_logs(tctx, caplog) -> None:
+    addon, context = tctx
+    assert addon.current is not None
+    assert set(addon.current.policy.routes) == {"api", "plain", "same-host", "open"}
+    caplog.set_level(logging.INFO, logger="knoxcall")
+    context.configure(addon, knoxcall_config=addon.current.policy.config.folder)
+    assert re.search(r"knoxcall: config \w+ loaded from .*: 3 clients, 4 ranges, 4 routes", caplog.text)
+
+
+def test_invalid_config_raises_options_error_and_keeps_the_previous_policy(tctx, tmp_path: Path) -> None:
+    addon, context = tctx
+    before = addon.current
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "clients.yaml").write_text(
+        "environments: [{name: production}]\nclients:\n  - name: a\n    ip_address: 10.0.0.1/8\n"
+    )
+    with pytest.raises(exceptions.OptionsError) as caught:
+        context.configure(addon, knoxcall_config=str(bad))
+    assert f"{bad}/clients.yaml:4: '10.0.0.1/8' has host bits set; did you mean 10.0.0.0/8" in str(caught.value)
+    # The last good policy stays in force (mitmproxy's rollback re-applies the old value,
+    # which re-reads the same, unchanged folder).
+    assert addon.current is not None
+    assert addon.current.policy.config.folder == before.policy.config.folder
+    assert addon.current.policy.version == before.policy.version
+    assert context.options.knoxcall_config != str(bad)  # and the option is rolled back
+    flow = make_flow()
+    addon.requestheaders(flow)
+    assert flow.response is None  # still deciding with the old policy: allowed
+
+
+def test_missing_config_folder_is_an_options_error(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the rolled-back default, "config", does not exist here either
+    addon = KnoxCall()
+    with taddons.context(addon) as context:
+        with pytest.raises(exceptions.OptionsError, match="config folder does not exist"):
+            context.configure(addon, knoxcall_config=str(tmp_path / "nowhere"))
+        assert addon.current is None
+
+
+def test_no_policy_loaded_denies_everything(caplog) -> None:
+    addon = KnoxCall()
+    with taddons.context(addon):
+        flow = make_flow()
+        addon.requestheaders(flow)
+        assert flow.response is not None and flow.response.status_code == 500
+        assert flow.metadata["knoxcall"]["reason"] == "internal_error"
+        tcp = tflow.ttcpflow()
+        addon.tcp_start(tcp)
+        assert tcp.metadata["knoxcall"]["decision"] == "denied"
+        assert tcp.error is not None
+    assert "no policy loaded" in caplog.text
+
+
+def test_entry_point_holds_only_addons() -> None:
+    """mitmproxy would call a module-level function named like an event as a hook."""
+    names = {n for n in vars(entry_point) if not n.startswith("__")}
+    assert not names & set(hooks.all_hooks), names & set(hooks.all_hooks)
+    assert [type(a) for a in entry_point.addons] == [KnoxCall]
+
+
+# -- fail closed ---------------------------------------------------------------------------
+
+
+def test_exception_while_deciding_denies_with_500(tctx, monkeypatch, caplog) -> None:
+    addon, _ = tctx
+
+    def explode(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("kaboom")
+
+    monkeypatch.setattr(proxy_addon, "decide", explode)
+    flow = make_flow()
+    addon.requestheaders(flow)
+    assert flow.response is not None
+    assert flow.response.status_code == 500
+    data = body(flow)
+    assert data == {"error": "Internal error", "status": 500, "request_id": data["request_id"]}
+    assert flow.response.headers["content-type"] == "application/json"
+    meta = flow.metadata["knoxcall"]
+    assert (meta["decision"], meta["reason"], meta["client_ip"]) == ("denied", "internal_error", "127.0.0.5")
+    assert flow.marked
+    errors = [r for r in caplog.records if r.name == "knoxcall" and r.levelno == logging.ERROR]
+    assert any(r.exc_info and "kaboom" in str(r.exc_info[1]) for r in errors)  # logged with traceback
+    assert any("denied internal_error" in r.getMessage() for r in errors)
+
+
+def test_exception_while_rewriting_denies(tctx, monkeypatch) -> None:
+    """An allowed request that cannot be prepared for upstream is not sent half-prepared."""
+    addon, _ = tctx
+
+    def explode(*args: Any) -> None:
+        raise RuntimeError("rewrite failed")
+
+    monkeypatch.setattr(proxy_addon, "forward", explode)
+    flow = make_flow()
+    addon.requestheaders(flow)
+    assert flow.response is not None and flow.response.status_code == 500
+
+
+def test_exception_while_deciding_a_connection_denies(tctx, monkeypatch) -> None:
+    addon, _ = tctx
+
+    def explode(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("kaboom")
+
+    monkeypatch.setattr(proxy_addon, "decide_connection", explode)
+    flow = make_flow(method="CONNECT", path="")
+    addon.http_connect(flow)
+    assert flow.response is not None and flow.response.status_code == 500
+    tcp = tflow.ttcpflow()
+    tcp.client_conn.peername = ("127.0.0.5", 1)
+    addon.tcp_start(tcp)
+    assert tcp.metadata["knoxcall"]["reason"] == "internal_error"
+    assert tcp.server_conn.error
+
+
+# -- annotations -------------------------------------------------------------------------
+
+
+def test_allowed_flow_annotations(tctx) -> None:
+    addon, _ = tctx
+    flow = make_flow(headers=[("x-knoxcall-key", LIVE_KEY)])
+    addon.requestheaders(flow)
+    assert flow.response is None
+    assert not flow.marked
+    assert flow.comment.startswith("knoxcall: allowed client 127.0.0.5 route=api env=production client=local key=live")
+    meta = flow.metadata["knoxcall"]
+    assert meta["decision"] == "allowed" and meta["reason"] == "client" and meta["status"] == 0
+    assert meta["route"] == "api" and meta["environment"] == "production" and meta["client"] == "local"
+    assert meta["client_ip"] == meta["peer_ip"] == "127.0.0.5"
+    assert meta["api_key"] == "live"
+    assert meta["method"] == "GET" and meta["host"] == "api.example.com" and meta["path"] == "/v1/users"
+    assert meta["user_agent"] == "unit-test/1"
+    assert re.fullmatch(r"[0-9a-f]{32}", meta["request_id"])
+    assert meta["request_id"] in flow.comment
+    assert LIVE_KEY not in json.dumps(meta) and LIVE_KEY not in flow.comment
+
+
+def test_denied_flow_annotations(tctx, caplog) -> None:
+    addon, _ = tctx
+    caplog.set_level(logging.INFO, logger="knoxcall")
+    flow = make_flow(peer=("127.0.0.9", 1234))
+    addon.requestheaders(flow)
+    assert flow.response is not None and flow.response.status_code == 403
+    assert flow.marked == proxy_addon.DENIED_MARKER
+    assert flow.comment.startswith("knoxcall: denied ip_not_whitelisted 127.0.0.9 route=api env=production")
+    meta = flow.metadata["knoxcall"]
+    assert (meta["decision"], meta["reason"], meta["status"]) == ("denied", "ip_not_whitelisted", 403)
+    data = body(flow)
+    assert data == {
+        "error": "IP not authorized",
+        "status": 403,
+        "ip": "127.0.0.9",
+        "route": "api",
+        "environment": "production",
+        "request_id": meta["request_id"],
+    }
+    assert flow.response.headers["x-knoxcall-request-id"] == meta["request_id"]
+    assert flow.response.headers["content-type"] == "application/json"
+    warnings = [r for r in caplog.records if r.name == "knoxcall" and r.levelno == logging.WARNING]
+    assert [r.getMessage() for r in warnings] == [flow.comment]
+
+
+def test_405_has_allow_header(tctx) -> None:
+    addon, _ = tctx
+    flow = make_flow(method="DELETE")
+    addon.requestheaders(flow)
+    assert flow.response is not None and flow.response.status_code == 405
+    assert flow.response.headers["allow"] == "GET, POST"
+    assert body(flow)["error"] == "Method not allowed"
+
+
+def test_each_flow_is_decided_once(tctx) -> None:
+    addon, _ = tctx
+    flow = make_flow(peer=("127.0.0.9", 1))
+    addon.requestheaders(flow)
+    first = flow.metadata["knoxcall"]["request_id"]
+    addon.requestheaders(flow)
+    assert flow.metadata["knoxcall"]["request_id"] == first
+
+
+# -- peers -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("peer", "client_ip", "allowed"),
+    [
+        (("127.0.0.5", 1), "127.0.0.5", True),
+        (("::ffff:127.0.0.5", 1, 0, 0), "127.0.0.5", True),
+        (("::1", 1, 0, 0), "::1", True),
+        (("fe80::7%eth0", 1, 0, 2), "fe80::7", True),
+        (("::ffff:127.0.0.9", 1, 0, 0), "127.0.0.9", False),
+        (("2001:db8::1", 1, 0, 0), "2001:db8::1", False),
+        (("127.0.3.1", 1), "127.0.3.1", False),
+    ],
+)
+def test_peer_forms(tctx, peer: tuple, client_ip: str, allowed: bool) -> None:
+    addon, _ = tctx
+    flow = make_flow(peer=peer)
+    addon.requestheaders(flow)
+    assert flow.metadata["knoxcall"]["client_ip"] == client_ip
+    assert (flow.response is None) is allowed
+
+
+def test_trusted_proxy_header(tctx) -> None:
+    addon, _ = tctx
+    flow = make_flow(peer=("127.0.0.50", 1), headers=[("X-Forwarded-For", "203.0.113.9, 127.0.0.5")])
+    addon.requestheaders(flow)
+    assert flow.response is None
+    meta = flow.metadata["knoxcall"]
+    assert (meta["client_ip"], meta["peer_ip"]) == ("127.0.0.5", "127.0.0.50")
+    assert flow.request.headers["X-Forwarded-For"] == "203.0.113.9, 127.0.0.5, 127.0.0.50"
+    forged = make_flow(peer=("127.0.0.9", 1), headers=[("X-Forwarded-For", "127.0.0.5")])
+    addon.requestheaders(forged)
+    assert forged.response is not None and forged.response.status_code == 403
+    assert body(forged)["ip"] == "127.0.0.9"
+
+
+# -- forwarding -----------------------------------------------------------------------------
+
+
+def test_headers_stripped_and_forwarded_for_extended(tctx) -> None:
+    addon, _ = tctx
+    flow = make_flow(
+        headers=[
+            ("X-KnoxCall-Route", "api"),
+            ("x-knoxcall-environment", "production"),
+            ("x-knoxcall-key", LIVE_KEY),
+            ("X-Knoxcall-Anything-Else", "1"),
+            ("X-Forwarded-For", "10.1.1.1"),
+            ("X-Forwarded-For", "10.2.2.2"),
+            ("X-Other", "kept"),
+        ]
+    )
+    addon.requestheaders(flow)
+    assert flow.response is None
+    headers = flow.request.headers
+    assert not [n for n in headers if n.lower().startswith("x-knoxcall-")]
+    assert headers.get_all("X-Forwarded-For") == ["10.1.1.1, 10.2.2.2, 127.0.0.5"]
+    assert headers["X-Other"] == "kept"
+    assert headers["user-agent"] == "unit-test/1"
+
+
+def test_forwarded_for_added_when_absent(tctx) -> None:
+    addon, _ = tctx
+    flow = make_flow(host="same.example.com", path="/x")
+    addon.requestheaders(flow)
+    assert flow.request.headers["X-Forwarded-For"] == "127.0.0.5"
+    # no target: the request goes where it was going
+    assert (flow.request.host, flow.request.port, flow.request.path) == ("same.example.com", 80, "/x")
+
+
+def test_target_rewrite_keeps_path_and_query(tctx) -> None:
+    addon, _ = tctx
+    flow = make_flow(path="/v1/users?q=a%20b&x=1")
+    addon.requestheaders(flow)
+    request = flow.request
+    assert (request.scheme, request.host, request.port) == ("https", "backend.example.com", 8443)
+    assert request.path == "/base/v1/users?q=a%20b&x=1"
+    assert request.query["q"] == "a b"
+    assert request.host_header == "backend.example.com:8443"
+    assert flow.metadata["knoxcall"]["path"] == "/v1/users?q=a%20b&x=1"  # the log keeps what the caller sent
+    assert flow.metadata["knoxcall"]["host"] == "api.example.com"
+
+
+def test_target_rewrite_default_port_and_ipv6(tctx) -> None:
+    addon, _ = tctx
+    flow = make_flow(host="plain.example.com", path="/items/7")
+    addon.requestheaders(flow)
+    assert (flow.request.host, flow.request.port, flow.request.path) == ("127.0.0.1", 80, "/api/items/7")
+    assert flow.request.host_header == "127.0.0.1"
+    staged = make_flow(path="/v1/x?y=2", headers=[("x-knoxcall-environment", "staging")])
+    addon.requestheaders(staged)
+    assert (staged.request.scheme, staged.request.host, staged.request.port) == ("http", "::1", 9000)
+    assert staged.request.path == "/v1/x?y=2"
+    assert staged.request.host_header == "[::1]:9000"
+
+
+def test_route_host_in_regular_and_reverse_mode(tctx) -> None:
+    """Forward mode matches where the request really goes; reverse mode the Host the client sent."""
+    addon, _ = tctx
+    # forward: request.host is same.example.com; a Host header naming the open route changes nothing
+    forward = make_flow(
+        peer=("127.0.0.9", 1), host="same.example.com", path="/", headers=[("Host", "open.example.com")]
+    )
+    addon.requestheaders(forward)
+    assert forward.metadata["knoxcall"]["route"] == "same-host"
+    assert forward.response is not None and forward.response.status_code == 403
+    # reverse: the destination is fixed by --mode; the Host header picks the route
+    reverse = make_flow(
+        peer=("127.0.0.9", 1),
+        host="127.0.0.1",
+        port=9,
+        path="/",
+        headers=[("Host", "open.example.com")],
+        mode="reverse:http://127.0.0.1:9",
+    )
+    addon.requestheaders(reverse)
+    assert reverse.metadata["knoxcall"]["route"] == "open"
+    assert reverse.response is None
+
+
+# -- responses and the access log ---------------------------------------------------------
+
+
+def test_request_id_on_forwarded_responses(tctx) -> None:
+    addon, _ = tctx
+    flow = make_flow()
+    addon.requestheaders(flow)
+    flow.response = tutils.tresp()
+    addon.responseheaders(flow)
+    assert flow.response.headers["x-knoxcall-request-id"] == flow.metadata["knoxcall"]["request_id"]
+
+
+def test_access_log_lines(tctx, tmp_path: Path) -> None:
+    addon, context = tctx
+    log = tmp_path / "logs" / "access.jsonl"
+    context.configure(addon, knoxcall_access_log=str(log))
+    allowed = make_flow(headers=[("x-knoxcall-key", LIVE_KEY)])
+    addon.requestheaders(allowed)
+    allowed.response = tutils.tresp(status_code=201)
+    addon.responseheaders(allowed)
+    addon.response(allowed)
+    denied = make_flow(peer=("::ffff:127.0.0.9", 2, 0, 0), method="POST", path="/v1/x?y=1")
+    addon.requestheaders(denied)
+    addon.response(denied)
+    failed = make_flow()
+    addon.requestheaders(failed)
+    failed.error = tflow.terr()
+    addon.error(failed)
+    addon.response(failed)  # a second completion does not write a second line
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(records) == 3
+    for record in records:
+        assert list(record) == list(ACCESS_LOG_FIELDS)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", record["ts"])
+        assert isinstance(record["latency_ms"], int | float)
+    first, second, third = records
+    assert first["request_id"] == allowed.metadata["knoxcall"]["request_id"]
+    assert (first["decision"], first["reason"], first["status"]) == ("allowed", "client", 201)
+    assert (first["method"], first["host"], first["path"]) == ("GET", "api.example.com", "/v1/users")
+    assert (first["route"], first["environment"], first["client"]) == ("api", "production", "local")
+    assert (first["client_ip"], first["peer_ip"], first["api_key"]) == ("127.0.0.5", "127.0.0.5", "live")
+    assert first["user_agent"] == "unit-test/1"
+    assert first["config_version"] == addon.current.policy.version
+    assert (second["decision"], second["reason"], second["status"]) == ("denied", "ip_not_whitelisted", 403)
+    assert (second["method"], second["path"], second["client_ip"]) == ("POST", "/v1/x?y=1", "127.0.0.9")
+    assert second["client"] is None and second["api_key"] is None
+    assert (third["decision"], third["status"]) == ("allowed", None)
+    assert LIVE_KEY not in log.read_text()
+
+
+def test_access_log_can_be_turned_off(tctx, tmp_path: Path) -> None:
+    addon, context = tctx
+    log = tmp_path / "a.jsonl"
+    context.configure(addon, knoxcall_access_log=str(log))
+    context.configure(addon, knoxcall_access_log="")
+    flow = make_flow()
+    addon.requestheaders(flow)
+    addon.response(flow)
+    assert log.read_text() == ""
+
+
+# -- CONNECT, TCP and UDP -----------------------------------------------------------------
+
+
+def test_connect_from_uncovered_peer_is_refused(tctx) -> None:
+    addon, _ = tctx
+    flow = make_flow(peer=("127.0.0.9", 1), method="CONNECT", host="api.example.com", port=443, path="")
+    # The config has an open route and a test key, so a tunnel could carry allowed requests.
+    addon.http_connect(flow)
+    assert flow.response is None
+    assert flow.metadata["knoxcall"]["reason"] == "open_route"
+
+
+def test_connect_refused_without_open_routes(tctx, tmp_path: Path) -> None:
+    addon, context = tctx
+    closed = tmp_path / "closed"
+    closed.mkdir()
+    (closed / "c.yaml").write_text(
+        "environments: [{name: production}]\nclients: [{name: local, ip_address: 127.0.0.0/29}]\n"
+        "routes: [{name: api}]\nassignments: {api: {production: [local]}}\n"
+    )
+    context.configure(addon, knoxcall_config=str(closed))
+    assert not addon.current.policy.any_open_route and not addon.current.policy.any_test_key
+    flow = make_flow(peer=("127.0.0.9", 1), method="CONNECT", port=443, path="")
+    addon.http_connect(flow)
+    assert flow.response is not None and flow.response.status_code == 403
+    assert body(flow)["error"] == "IP not authorized"
+    assert flow.response.headers["x-knoxcall-request-id"] == flow.metadata["knoxcall"]["request_id"]
+    ok = make_flow(peer=("127.0.0.5", 1), method="CONNECT", port=443, path="")
+    addon.http_connect(ok)
+    assert ok.response is None
+
+
+@pytest.mark.parametrize("make", [tflow.ttcpflow, tflow.tudpflow], ids=["tcp", "udp"])
+def test_raw_connections_from_uncovered_peers_are_closed(tctx, tmp_path: Path, make: Any) -> None:
+    addon, context = tctx
+    log = tmp_path / "access.jsonl"
+    context.configure(addon, knoxcall_access_log=str(log))
+    start = addon.tcp_start if make is tflow.ttcpflow else addon.udp_start
+    message = addon.tcp_message if make is tflow.ttcpflow else addon.udp_message
+
+    denied = make(messages=[])
+    denied.client_conn.peername = ("127.0.0.9", 1)
+    start(denied)
+    assert denied.metadata["knoxcall"]["decision"] == "denied"
+    assert denied.error is not None  # killed, as mitmweb shows it
+    assert denied.server_conn.error  # so that the connect fails and the client is closed
+    assert denied.marked
+    message_type = type(make().messages[0])
+    denied.messages.append(message_type(True, b"secret"))
+    message(denied)
+    assert denied.messages[-1].content == b""  # nothing is relayed, even if upstream was open
+
+    allowed = make(messages=[])
+    allowed.client_conn.peername = ("::ffff:127.0.0.5", 1, 0, 0)
+    start(allowed)
+    assert allowed.error is None and not allowed.server_conn.error
+    allowed.messages.append(message_type(True, b"hello"))
+    message(allowed)
+    assert allowed.messages[-1].content == b"hello"
+
+    disabled = make(messages=[])
+    disabled.client_conn.peername = ("127.0.3.3", 1)
+    start(disabled)
+    assert disabled.metadata["knoxcall"]["reason"] == "client_disabled"
+
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["decision"], r["reason"], r["client_ip"]) for r in records] == [
+        ("denied", "ip_not_whitelisted", "127.0.0.9"),
+        ("allowed", "client", "127.0.0.5"),
+        ("denied", "client_disabled", "127.0.3.3"),
+    ]
+
+
+def test_undecided_raw_flow_relays_nothing(tctx) -> None:
+    addon, _ = tctx
+    flow = tflow.ttcpflow()
+    addon.tcp_message(flow)
+    assert flow.messages[-1].content == b""
