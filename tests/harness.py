@@ -40,16 +40,16 @@ class _EchoHandler(BaseHTTPRequestHandler):
     def _echo(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        payload = json.dumps(
-            {
-                "upstream": self.server.name,  # type: ignore[attr-defined]
-                "method": self.command,
-                "path": self.path,
-                "headers": [[k, v] for k, v in self.headers.items()],
-                "body": body.decode("utf-8", "replace"),
-                "peer": self.client_address[0],
-            }
-        ).encode()
+        seen = {
+            "upstream": self.server.name,  # type: ignore[attr-defined]
+            "method": self.command,
+            "path": self.path,
+            "headers": [[k, v] for k, v in self.headers.items()],
+            "body": body.decode("utf-8", "replace"),
+            "peer": self.client_address[0],
+        }
+        self.server.seen.append(seen)  # type: ignore[attr-defined]
+        payload = json.dumps(seen).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
@@ -70,10 +70,16 @@ class Upstream:
         self.server = ThreadingHTTPServer((host, port), _EchoHandler)
         self.server.daemon_threads = True
         self.server.name = name  # type: ignore[attr-defined]
+        self.server.seen = []  # type: ignore[attr-defined]
         self.host = host
         self.port = self.server.server_address[1]
         self.url = f"http://{host}:{self.port}"
         self._thread = threading.Thread(target=self.server.serve_forever, name=f"upstream-{name}", daemon=True)
+
+    @property
+    def seen(self) -> list[dict[str, Any]]:
+        """Every request this upstream received, in order: proof that a denial never reached it."""
+        return self.server.seen  # type: ignore[attr-defined]
 
     def __enter__(self) -> Upstream:
         self._thread.start()

@@ -1,0 +1,91 @@
+"""Helpers shared by the end-to-end tests (not a test module)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import socket
+import ssl
+import time
+from typing import Any
+
+import httpx
+
+from tests.harness import MitmDump
+
+REQUEST_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def sha(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def record_for(proxy: MitmDump, request_id: str, timeout: float = 10) -> dict[str, Any]:
+    """The access log line of one request (written when it completes, so poll briefly)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for record in proxy.access_records():
+            if record["request_id"] == request_id:
+                return record
+        time.sleep(0.05)
+    raise AssertionError(f"no access log line for {request_id}:\n{proxy.access_records()}")
+
+
+def assert_denial(response: httpx.Response, status: int, body: dict[str, Any]) -> str:
+    """A denial as the contract says: status, JSON body, content type, request id; returns the id."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    request_id = response.headers["x-knoxcall-request-id"]
+    assert REQUEST_ID.fullmatch(request_id)
+    assert response.json() == {**body, "request_id": request_id}
+    return request_id
+
+
+def upstream_headers(response: httpx.Response) -> dict[str, list[str]]:
+    """The headers the echo upstream received, lower-cased names to values."""
+    result: dict[str, list[str]] = {}
+    for name, value in response.json()["headers"]:
+        result.setdefault(name.lower(), []).append(value)
+    return result
+
+
+class H2OnlyContext(ssl.SSLContext):
+    """httpcore offers ALPN ["http/1.1", "h2"] and mitmproxy honours the client's order, so
+    HTTP/1.1 would win; this context offers h2 alone. Certificates are not checked: the
+    proxy's certificate comes from a throwaway CA in the test's confdir."""
+
+    def set_alpn_protocols(self, alpn_protocols: Any) -> None:
+        super().set_alpn_protocols(["h2"])
+
+
+def h2_client(source: str, timeout: float = 10) -> httpx.Client:
+    context = H2OnlyContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    transport = httpx.HTTPTransport(local_address=source, http2=True, verify=context, retries=0)
+    return httpx.Client(transport=transport, timeout=timeout)
+
+
+def raw_http(source: str, host: str, port: int, request: bytes, timeout: float = 10) -> bytes:
+    """Send raw bytes from ``source`` and read until the peer closes or a full response is in."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.bind((source, 0))
+        s.connect((host, port))
+        s.sendall(request)
+        data = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            data += chunk
+            head, sep, rest = data.partition(b"\r\n\r\n")
+            if sep:
+                match = re.search(rb"(?i)content-length:\s*(\d+)", head)
+                if match and len(rest) >= int(match.group(1)):
+                    break
+        return data
