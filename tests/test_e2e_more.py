@@ -1,0 +1,294 @@
+"""End to end: IPv6 callers, raw TCP/UDP, refusing to start on a bad config, and scripts/run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e_util import assert_denial, record_for
+from tests.harness import ROOT, MitmDump, Upstream, client_from, free_port, run_mitmdump_expecting_exit
+
+IP_BODY = "IP not authorized"
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+# -- IPv6 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+def test_ipv6_caller(make_config, tmp_path: Path) -> None:
+    with Upstream("main") as upstream:
+        config = make_config(
+            **{
+                "k.yaml": {
+                    "environments": [{"name": "production"}],
+                    "clients": [
+                        {"name": "v6-dev", "ip_address": "::1"},
+                        {"name": "v4-only", "ip_address": "127.0.0.0/8"},
+                    ],
+                    "routes": [
+                        {"name": "api", "target_base_url": upstream.url, "match": {"path_prefix": "/v1"}},
+                        {"name": "v4", "target_base_url": upstream.url, "match": {"path_prefix": "/v4"}},
+                    ],
+                    "assignments": {"api": {"production": ["v6-dev"]}, "v4": {"production": ["v4-only"]}},
+                }
+            }
+        )
+        proxy = MitmDump(
+            config, mode=f"reverse:{upstream.url}", listen_host="::1", access_log=tmp_path / "access.jsonl"
+        )
+        with proxy, client_from("::1") as client:
+            r = client.get(proxy.url + "/v1/six")
+            assert r.status_code == 200
+            assert r.json()["path"] == "/v1/six"
+            headers = {k.lower(): v for k, v in r.json()["headers"]}
+            assert headers["x-forwarded-for"] == "::1"
+            record = record_for(proxy, r.headers["x-knoxcall-request-id"])
+            assert (record["client"], record["client_ip"], record["peer_ip"]) == ("v6-dev", "::1", "::1")
+            denied = client.get(proxy.url + "/v4/six")
+            assert_denial(
+                denied, 403, {"error": IP_BODY, "status": 403, "ip": "::1", "route": "v4", "environment": "production"}
+            )
+            # ::1 is a known client, just not on this route
+            proxy.wait_for_log("knoxcall: denied client_not_assigned ::1 route=v4 env=production client=v6-dev")
+
+
+# -- raw TCP and UDP -----------------------------------------------------------------------
+
+
+class TcpEcho:
+    """A TCP server that answers every chunk with b"echo:" + chunk and counts its connections."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(4096):
+                conn.sendall(b"echo:" + data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class UdpEcho:
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.received: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except OSError:
+                return
+            self.received.append(data)
+            self.sock.sendto(b"echo:" + data, peer)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+RAW_CONFIG = {
+    "k.yaml": {
+        "environments": [{"name": "production"}],
+        "clients": [
+            {"name": "office", "ip_address": "127.0.0.8/29"},
+            {"name": "old", "ip_address": "127.0.0.40/29", "enabled": False},
+        ],
+        "routes": [{"name": "api"}],
+        "assignments": {"api": {"production": ["office"]}},
+    }
+}
+
+
+@pytest.fixture
+def tcp_echo() -> Iterator[TcpEcho]:
+    server = TcpEcho()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def udp_echo() -> Iterator[UdpEcho]:
+    server = UdpEcho()
+    yield server
+    server.close()
+
+
+def test_raw_tcp_from_uncovered_peers_is_closed(make_config, tcp_echo: TcpEcho, tmp_path: Path) -> None:
+    config = make_config(**RAW_CONFIG)
+    proxy = MitmDump(config, mode=f"reverse:tcp://127.0.0.1:{tcp_echo.port}", access_log=tmp_path / "a.jsonl")
+    with proxy:
+        for source, answer in [("127.0.0.9", b"echo:hello"), ("127.0.0.99", b""), ("127.0.0.41", b"")]:
+            with socket.socket() as s:
+                s.settimeout(10)
+                s.bind((source, 0))
+                s.connect(("127.0.0.1", proxy.port))
+                try:
+                    s.sendall(b"hello")
+                    got = s.recv(100)
+                except ConnectionResetError:
+                    got = b""
+                assert got == answer, source
+        assert tcp_echo.connections == 1  # the denied peers never reached the upstream
+        proxy.wait_for_log("knoxcall: denied ip_not_whitelisted 127.0.0.99")
+        proxy.wait_for_log("knoxcall: denied client_disabled 127.0.0.41")
+        reasons = [(r["client_ip"], r["decision"], r["reason"]) for r in proxy.access_records()]
+        assert reasons == [
+            ("127.0.0.9", "allowed", "client"),
+            ("127.0.0.99", "denied", "ip_not_whitelisted"),
+            ("127.0.0.41", "denied", "client_disabled"),
+        ]
+
+
+class UdpMitmDump(MitmDump):
+    """A UDP listener accepts no TCP connection: "listening at" in the log is the signal."""
+
+    def _accepts(self) -> bool:
+        return True
+
+
+def test_raw_udp_from_uncovered_peers_is_dropped(make_config, udp_echo: UdpEcho) -> None:
+    config = make_config(**RAW_CONFIG)
+    with UdpMitmDump(config, mode=f"reverse:udp://127.0.0.1:{udp_echo.port}") as proxy:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(5)
+            s.bind(("127.0.0.9", 0))
+            s.sendto(b"allowed", ("127.0.0.1", proxy.port))
+            assert s.recv(100) == b"echo:allowed"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(2)
+            s.bind(("127.0.0.99", 0))
+            s.sendto(b"denied", ("127.0.0.1", proxy.port))
+            with pytest.raises(TimeoutError):
+                s.recv(100)
+        proxy.wait_for_log("knoxcall: denied ip_not_whitelisted 127.0.0.99")
+        assert udp_echo.received == [b"allowed"]
+
+
+# -- refusing to start -------------------------------------------------------------------------
+
+
+def test_invalid_config_makes_mitmdump_exit_with_file_and_line(make_config) -> None:
+    config = make_config(
+        **{
+            "settings.yaml": "environments:\n  - name: production\n",
+            "clients.yaml": "clients:\n  - name: office\n    ip_address: 192.168.1.5/24\n",
+        }
+    )
+    result = run_mitmdump_expecting_exit(config)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert f"{config}/clients.yaml:3: '192.168.1.5/24' has host bits set; did you mean 192.168.1.0/24" in output
+    # mitmproxy may bind its listener before its ErrorCheck ends the process; until then,
+    # with no policy loaded, every request would be denied.
+    assert "Error logged during startup, exiting" in output
+
+
+def test_missing_config_folder_makes_mitmdump_exit(tmp_path: Path) -> None:
+    result = run_mitmdump_expecting_exit(tmp_path / "no-such-folder")
+    assert result.returncode != 0
+    assert "config folder does not exist" in result.stdout + result.stderr
+
+
+# -- scripts/run with the example config ------------------------------------------------------------
+
+
+def test_scripts_run_serves_the_example_config(tmp_path: Path) -> None:
+    """scripts/run starts mitmdump (forward mode) with config/; the example routes decide."""
+    port = free_port()
+    log_path = tmp_path / "run.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [str(ROOT / "scripts" / "run"), "--listen-host", "127.0.0.1", "-p", str(port),
+             "--set", f"confdir={tmp_path / 'conf'}"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,  # scripts/run must not depend on the caller's directory
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while "listening at" not in log_path.read_text():
+                assert process.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.1)
+            # A stranger calls the example's protected route through the proxy; the
+            # request is denied before mitmproxy connects anywhere.
+            with socket.socket() as s:
+                s.settimeout(10)
+                s.bind(("127.0.0.99", 0))
+                s.connect(("127.0.0.1", port))
+                s.sendall(b"GET http://api.example.com/v1/users HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+                data = b""
+                while b"}" not in data:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 403"), data
+            denied = httpx.Response(403, content=body).json()
+            assert (denied["ip"], denied["route"], denied["environment"]) == (
+                "127.0.0.99",
+                "my-first-route",
+                "production",
+            )
+            # An office address (127.0.0.0/28 in the example) is allowed on the same route.
+            # The example target 127.0.0.1:9000 may have nothing listening: the decision is
+            # what is checked here, from the event log.
+            with socket.socket() as s:
+                s.settimeout(15)
+                s.bind(("127.0.0.5", 0))
+                s.connect(("127.0.0.1", port))
+                s.sendall(b"GET http://api.example.com/v1/users HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+                s.recv(4096)
+            deadline = time.monotonic() + 10
+            needle = "knoxcall: allowed client 127.0.0.5 route=my-first-route env=production client=office-network"
+            while needle not in log_path.read_text():
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.1)
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(5)
