@@ -319,12 +319,12 @@ class _Builder:
         elif isinstance(value, LocatedList):
             parts = list(zip(value, value.item_locations, strict=True))
         else:
-            self.error(where, f"{what} must be an IP, a CIDR, a comma-separated string or a list")
+            self.error(where, f"{what} must be an IP, a CIDR, a comma-separated string or a list{_quote_hint(value)}")
             return []
         networks: list[IPNetwork] = []
         for part, part_where in parts:
             if not isinstance(part, str):
-                self.error(part_where, f"{what}: {part!r} must be a string like '10.0.0.0/8'")
+                self.error(part_where, f"{what}: {part!r} must be a string like '10.0.0.0/8'{_quote_hint(part)}")
                 continue
             try:
                 networks.extend(parse_networks(part, part_where))
@@ -531,6 +531,13 @@ class _Builder:
 def _suggest(name: str, known: dict[str, Any]) -> str:
     hint = difflib.get_close_matches(str(name), list(known), n=1)
     return f" (did you mean {hint[0]!r}?)" if hint else ""
+
+
+def _quote_hint(value: Any) -> str:
+    """YAML 1.1 reads some unquoted IPv6 addresses (1:2:3:4:5:6:7:8) as base-60 numbers."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return ' (YAML read an unquoted value as a number; put addresses in quotes, e.g. "1:2:3:4:5:6:7:8")'
+    return ""
 
 
 def _type_name(kind: type) -> str:

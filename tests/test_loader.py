@@ -564,3 +564,19 @@ def test_same_prefix_on_different_hosts_is_fine(tmp_path: Path) -> None:
         "  - {name: u, enabled: false, match: {path_prefix: /v1}}\n",
     )
     assert set(load_policy(folder).routes) == {"r", "s", "t", "u"}
+
+
+@pytest.mark.parametrize("value", ["1:2:3:4:5:6:7:8", "[10.0.0.1, 1:2:3:4:5:6:7:8]"])
+def test_unquoted_ipv6_read_as_a_number_gets_a_hint(tmp_path: Path, value: str) -> None:
+    """YAML 1.1 reads 1:2:3:4:5:6:7:8 as a base-60 number; the error says to quote it."""
+    folder = tmp_path / "cfg"
+    write(folder, "a.yaml", ENVS + f"clients:\n  - name: a\n    ip_address: {value}\n")
+    message = one_error(folder)
+    assert message.startswith("a.yaml:6: client 'a'")
+    assert "put addresses in quotes" in message
+
+
+def test_quoted_ipv6_with_decimal_groups_loads(tmp_path: Path) -> None:
+    folder = tmp_path / "cfg"
+    write(folder, "a.yaml", ENVS + "clients:\n  - name: a\n    ip_address: '1:2:3:4:5:6:7:8'\n")
+    assert load_config(folder).clients["a"].networks == (ipaddress.ip_network("1:2:3:4:5:6:7:8/128"),)
