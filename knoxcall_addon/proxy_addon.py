@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from mitmproxy import ctx, exceptions, http, tcp, udp
+from mitmproxy import command, ctx, exceptions, http, tcp, udp
 from mitmproxy.proxy import mode_specs
 
 from knoxcall_addon.accesslog import AccessLog, utc_timestamp
@@ -30,6 +30,7 @@ from knoxcall_addon.decision import (
     decide_connection,
     internal_error,
 )
+from knoxcall_addon.explain import explain_text
 from knoxcall_addon.model import ConfigError
 from knoxcall_addon.policy import Policy, load_policy
 
@@ -106,6 +107,13 @@ class KnoxCall:
         if self.access_log:
             self.access_log.close()
             self.access_log = None
+
+    @command.command("knoxcall.explain")
+    def explain(self, ip: str, route: str, env: str = "") -> str:
+        """The decision for a caller IP on a route (and environment), and why; as `knoxcall explain`."""
+        if self.current is None:
+            return "no policy loaded: every request is denied"
+        return explain_text(self.current.policy, ip, route, env or None)
 
     # -- HTTP --------------------------------------------------------------------------
 
