@@ -181,8 +181,8 @@ class ConnectivityMonitor:
     def load(self, loader: Any) -> None:
         loader.add_option(
             "knoxcall_ping_interval",
-            float,
-            0.0,
+            int,  # mitmproxy cannot parse float options from --set
+            0,
             "Seconds between ICMP checks of server clients' single IPs; 0 turns monitoring off.",
         )
 
