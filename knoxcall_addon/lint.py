@@ -110,15 +110,9 @@ def _client_rules(config: Config) -> list[Finding]:
             if network.prefixlen == 0:
                 assigned_default = client.name in in_default and client.enabled
                 severity: Severity = "error" if assigned_default else "warning"
-                scope = f"and is assigned in the default environment {default_env}" if assigned_default else ""
-                findings.append(
-                    Finding(
-                        where,
-                        severity,
-                        "open-range",
-                        f'client "{client.name}" allows {network}, i.e. every address {scope}'.rstrip(),
-                    )
-                )
+                scope = f", and it is assigned in the default environment {default_env}" if assigned_default else ""
+                message = f'client "{client.name}" allows {network}: every address{scope}'
+                findings.append(Finding(where, severity, "open-range", message))
             elif network.prefixlen < WIDE_PREFIX[network.version]:
                 findings.append(
                     Finding(
