@@ -27,7 +27,7 @@ from knoxcall_addon.connectivity import (
 )
 from knoxcall_addon.explain import explain, request_for
 from knoxcall_addon.ipmatch import parse_ip
-from knoxcall_addon.lint import Finding, lint
+from knoxcall_addon.lint import RULES, Finding, lint
 from knoxcall_addon.loader import OBJECT_NAME
 from knoxcall_addon.model import ConfigError
 from knoxcall_addon.policy import Policy, load_policy
@@ -47,6 +47,10 @@ def main(argv: Sequence[str] | None = None, *, pinger: Pinger = icmp_pinger, out
     except SystemExit as e:  # argparse exits 2 on usage errors, 0 on --help
         return int(e.code or 0)
     if args.command == "check":
+        unknown = sorted(set(args.ignore or ()) - set(RULES))
+        if unknown:
+            sys.stderr.write(f"knoxcall check: unknown rule(s) {', '.join(unknown)}; rules: {', '.join(RULES)}\n")
+            return EXIT_USAGE
         return check(args.config, fmt=args.format, strict=args.strict, ignore=set(args.ignore or ()), out=out)
     if args.command == "explain":
         return explain_command(args, out)

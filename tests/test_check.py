@@ -258,6 +258,7 @@ def test_no_overlap_between_adjacent_ranges(make_config):
 def test_usage_error_exit_code():
     assert run("check", "--format", "xml")[0] == EXIT_USAGE
     assert run("no-such-command")[0] == EXIT_USAGE
+    assert run("check", "--ignore", "open-rnage", str(ROOT / "config"))[0] == EXIT_USAGE
 
 
 def test_console_script_runs():
