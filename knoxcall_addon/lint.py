@@ -30,6 +30,7 @@ RULES: dict[str, str] = {
     "open-forward": "an open route with neither target_base_url nor match: it forwards wherever the caller asks",
     "duplicate-range": "the same range twice, or a range inside another, in one client",
     "overlapping-range": "ranges of different clients overlap",
+    "trusted-proxies": "trusted_proxies holding every address (error) or a very wide range (warning)",
     "test-key": "an enabled test key (it skips the client check outside the default environment)",
 }
 
@@ -60,6 +61,7 @@ def lint(config: Config) -> list[Finding]:
     findings += _client_rules(config)
     findings += _route_rules(config)
     findings += _range_rules(config)
+    findings += _trusted_proxy_rules(config)
     findings += [
         Finding(
             key.location,
@@ -182,6 +184,37 @@ def _route_rules(config: Config) -> list[Finding]:
                         f"{', '.join(untargeted)} it forwards any caller to wherever the request names",
                     )
                 )
+    return findings
+
+
+def _trusted_proxy_rules(config: Config) -> list[Finding]:
+    """A trusted proxy's X-Forwarded-For is believed: trusting every address lets any caller pick its IP.
+
+    Settings carry no line in the model, so these findings name the config folder.
+    """
+    where = Location(config.folder, 0)
+    header = config.settings.client_ip_header
+    findings: list[Finding] = []
+    for network in config.settings.trusted_proxies:
+        if network.prefixlen == 0:
+            findings.append(
+                Finding(
+                    where,
+                    "error",
+                    "trusted-proxies",
+                    f"trusted_proxies holds {network}: any caller can choose its client IP with {header}",
+                )
+            )
+        elif network.prefixlen < WIDE_PREFIX[network.version]:
+            findings.append(
+                Finding(
+                    where,
+                    "warning",
+                    "trusted-proxies",
+                    f"trusted_proxies holds {network} ({network.num_addresses:,} addresses): each of them can choose "
+                    f"its client IP with {header}; list only your proxies",
+                )
+            )
     return findings
 
 

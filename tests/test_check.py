@@ -187,6 +187,16 @@ def test_missing_folder_is_an_error(tmp_path):
             ("overlapping-range", "warning"),
         ),
         (
+            "every proxy trusted",
+            base(settings={"trusted_proxies": ["0.0.0.0/0"]}),
+            ("trusted-proxies", "error"),
+        ),
+        (
+            "wide trusted proxies",
+            base(settings={"trusted_proxies": "10.0.0.0/8"}),
+            ("trusted-proxies", "warning"),
+        ),
+        (
             "test key",
             base(api_keys=[{"name": "ci", "key_sha256": SHA, "type": "test"}]),
             ("test-key", "warning"),
@@ -200,7 +210,11 @@ def test_each_rule_fires_on_a_config_made_for_it(make_config, name, data, expect
     code, out = run("check", "--format", "json", str(config))
     report = json.loads(out)
     assert any((f["rule"], f["severity"]) == expected for f in report["findings"])
-    assert all(f["file"].endswith("k.yaml") and f["line"] > 0 for f in report["findings"])
+    for finding in report["findings"]:
+        if finding["rule"] == "trusted-proxies":  # settings have no line in the model: the folder is named
+            assert (finding["file"], finding["line"]) == (str(config), 0)
+        else:
+            assert finding["file"].endswith("k.yaml") and finding["line"] > 0
     assert code == (EXIT_FINDINGS if expected[1] == "error" else EXIT_OK)
     assert run("check", "--strict", str(config))[0] == EXIT_FINDINGS
 
