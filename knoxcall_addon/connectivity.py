@@ -237,7 +237,8 @@ class ConnectivityMonitor:
                 logger.warning(f"{e}; connectivity monitoring is off")
                 return
             except Exception:
-                logger.exception("knoxcall: connectivity check failed; will retry")
+                # WARNING, not ERROR: an ERROR right after start would make mitmdump exit.
+                logger.warning("knoxcall: connectivity check failed; will retry", exc_info=True)
             await asyncio.sleep(self.interval)
 
     async def check_once(self, config: Config | None = None) -> list[tuple[PingTarget, PingResult]]:
