@@ -269,3 +269,36 @@ def test_mitmdump_monitors_loopback(make_config, tmp_path):
     )
     with MitmDump(config_dir, extra=["--set", "knoxcall_ping_interval=1"]) as proxy:
         proxy.wait_for_log("knoxcall: client lo-server is Healthy: 0% loss", timeout=20)
+
+
+def test_monitor_survives_a_failing_round(make_config, caplog):
+    """An unexpected error in one round is a warning (never an ERROR) and the next round runs."""
+    config_dir = make_config(**{"k.yaml": CLIENTS})
+    rounds: list = []
+
+    async def flaky(addresses, settings):
+        rounds.append(addresses)
+        if len(rounds) == 1:
+            raise RuntimeError("boom")
+        return {a: PingResult(a, 1, 1, 0.1) for a in addresses}
+
+    async def scenario() -> ConnectivityMonitor:
+        knoxcall = KnoxCall()
+        monitor = ConnectivityMonitor(pinger=flaky)
+        with taddons.context(knoxcall, monitor) as tctx:
+            tctx.configure(knoxcall, knoxcall_config=str(config_dir))
+            tctx.configure(monitor, knoxcall_ping_interval=1)
+            monitor.running()
+            for _ in range(500):  # the second round comes after the 1 s interval
+                if monitor.last:
+                    break
+                await asyncio.sleep(0.02)
+            monitor.done()
+        return monitor
+
+    caplog.set_level(logging.INFO, logger="knoxcall")
+    monitor = asyncio.run(scenario())
+    assert len(rounds) == 2
+    assert "connectivity check failed; will retry" in caplog.text
+    assert not any(r.levelno >= logging.ERROR for r in caplog.records)
+    assert "web-1 127.0.0.1: Healthy, 0% loss, 0.10 ms" in monitor.status_lines()
