@@ -89,3 +89,62 @@ def raw_http(source: str, host: str, port: int, request: bytes, timeout: float =
                 if match and len(rest) >= int(match.group(1)):
                     break
         return data
+
+
+def h2_concurrent(
+    source: str, port: int, paths: list[str], headers: dict[str, str] | None = None, timeout: float = 10
+) -> list[tuple[int, dict[str, str], bytes]]:
+    """Open ONE TLS+h2 connection, send every request before reading any answer (concurrent
+    streams), and return (status, headers, body) per path, in order.
+
+    Uses the h2 library directly: httpx's sync client races on shared h2 connections
+    from several threads.
+    """
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    raw = socket.socket()
+    raw.settimeout(timeout)
+    raw.bind((source, 0))
+    raw.connect(("127.0.0.1", port))
+    with context.wrap_socket(raw, server_hostname="localhost") as sock:
+        assert sock.selected_alpn_protocol() == "h2"
+        conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        streams: dict[int, dict[str, Any]] = {}
+        for path in paths:
+            stream_id = conn.get_next_available_stream_id()
+            request_headers = [
+                (":method", "GET"),
+                (":scheme", "https"),
+                (":authority", f"127.0.0.1:{port}"),
+                (":path", path),
+                *(headers or {}).items(),
+            ]
+            conn.send_headers(stream_id, request_headers, end_stream=True)
+            streams[stream_id] = {"headers": {}, "body": b"", "done": False}
+        sock.sendall(conn.data_to_send())
+        deadline = time.monotonic() + timeout
+        while not all(s["done"] for s in streams.values()):
+            assert time.monotonic() < deadline, "h2 streams did not complete"
+            data = sock.recv(65536)
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    streams[event.stream_id]["headers"] = {
+                        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+                        for k, v in event.headers
+                    }
+                elif isinstance(event, h2.events.DataReceived):
+                    streams[event.stream_id]["body"] += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                    streams[event.stream_id]["done"] = True
+            sock.sendall(conn.data_to_send())
+        return [(int(s["headers"][":status"]), s["headers"], s["body"]) for s in streams.values()]

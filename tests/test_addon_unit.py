@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 from mitmproxy import exceptions, hooks
 from mitmproxy.http import Headers, HTTPFlow
+from mitmproxy.net.dns import response_codes as dns_response_codes
+from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow, tutils
 
@@ -178,7 +180,7 @@ def test_entry_point_holds_only_addons() -> None:
     """mitmproxy would call a module-level function named like an event as a hook."""
     names = {n for n in vars(entry_point) if not n.startswith("__")}
     assert not names & set(hooks.all_hooks), names & set(hooks.all_hooks)
-    assert [type(a) for a in entry_point.addons] == [KnoxCall]
+    assert KnoxCall in [type(a) for a in entry_point.addons]
 
 
 # -- fail closed ---------------------------------------------------------------------------
@@ -233,7 +235,7 @@ def test_exception_while_deciding_a_connection_denies(tctx, monkeypatch) -> None
     tcp.client_conn.peername = ("127.0.0.5", 1)
     addon.tcp_start(tcp)
     assert tcp.metadata["knoxcall"]["reason"] == "internal_error"
-    assert tcp.server_conn.error
+    assert refused_at_connect(addon, tcp)
 
 
 # -- annotations -------------------------------------------------------------------------
@@ -292,13 +294,16 @@ def test_405_has_allow_header(tctx) -> None:
     assert body(flow)["error"] == "Method not allowed"
 
 
-def test_each_flow_is_decided_once(tctx) -> None:
+def test_a_replayed_flow_is_decided_again(tctx) -> None:
+    """mitmweb's replay sends a flow through requestheaders again: it gets a fresh decision."""
     addon, _ = tctx
     flow = make_flow(peer=("127.0.0.9", 1))
     addon.requestheaders(flow)
     first = flow.metadata["knoxcall"]["request_id"]
+    flow.response = None
     addon.requestheaders(flow)
-    assert flow.metadata["knoxcall"]["request_id"] == first
+    assert flow.metadata["knoxcall"]["request_id"] != first
+    assert flow.response is not None and flow.response.status_code == 403
 
 
 # -- peers -------------------------------------------------------------------------------
@@ -515,6 +520,14 @@ def test_connect_refused_without_open_routes(tctx, tmp_path: Path) -> None:
     assert ok.response is None
 
 
+def refused_at_connect(addon: KnoxCall, flow: Any) -> bool:
+    """Would mitmproxy's connect to the server be refused (server_connect hook)?"""
+    data = server_hooks.ServerConnectionHookData(server=flow.server_conn, client=flow.client_conn)
+    data.server.error = None
+    addon.server_connect(data)
+    return bool(data.server.error)
+
+
 @pytest.mark.parametrize("make", [tflow.ttcpflow, tflow.tudpflow], ids=["tcp", "udp"])
 def test_raw_connections_from_uncovered_peers_are_closed(tctx, tmp_path: Path, make: Any) -> None:
     addon, context = tctx
@@ -522,15 +535,15 @@ def test_raw_connections_from_uncovered_peers_are_closed(tctx, tmp_path: Path, m
     context.configure(addon, knoxcall_access_log=str(log))
     start = addon.tcp_start if make is tflow.ttcpflow else addon.udp_start
     message = addon.tcp_message if make is tflow.ttcpflow else addon.udp_message
+    message_type = type(make().messages[0])
 
     denied = make(messages=[])
     denied.client_conn.peername = ("127.0.0.9", 1)
     start(denied)
     assert denied.metadata["knoxcall"]["decision"] == "denied"
     assert denied.error is not None  # killed, as mitmweb shows it
-    assert denied.server_conn.error  # so that the connect fails and the client is closed
     assert denied.marked
-    message_type = type(make().messages[0])
+    assert refused_at_connect(addon, denied)  # mitmproxy ignores kill() here: the connect must fail
     denied.messages.append(message_type(True, b"secret"))
     message(denied)
     assert denied.messages[-1].content == b""  # nothing is relayed, even if upstream was open
@@ -538,7 +551,8 @@ def test_raw_connections_from_uncovered_peers_are_closed(tctx, tmp_path: Path, m
     allowed = make(messages=[])
     allowed.client_conn.peername = ("::ffff:127.0.0.5", 1, 0, 0)
     start(allowed)
-    assert allowed.error is None and not allowed.server_conn.error
+    assert allowed.error is None
+    assert not refused_at_connect(addon, allowed)
     allowed.messages.append(message_type(True, b"hello"))
     message(allowed)
     assert allowed.messages[-1].content == b"hello"
@@ -548,6 +562,10 @@ def test_raw_connections_from_uncovered_peers_are_closed(tctx, tmp_path: Path, m
     start(disabled)
     assert disabled.metadata["knoxcall"]["reason"] == "client_disabled"
 
+    # the refusal is forgotten with the client connection
+    addon.client_disconnected(denied.client_conn)
+    assert not refused_at_connect(addon, denied)
+
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(r["decision"], r["reason"], r["client_ip"]) for r in records] == [
         ("denied", "ip_not_whitelisted", "127.0.0.9"),
@@ -556,8 +574,60 @@ def test_raw_connections_from_uncovered_peers_are_closed(tctx, tmp_path: Path, m
     ]
 
 
-def test_undecided_raw_flow_relays_nothing(tctx) -> None:
+@pytest.mark.parametrize(
+    "mode", ["reverse:tcp://127.0.0.1:9", "reverse:udp://127.0.0.1:9", "reverse:dns://127.0.0.1:9"]
+)
+def test_raw_reverse_modes_decide_at_connect(tctx, mode: str) -> None:
     addon, _ = tctx
-    flow = tflow.ttcpflow()
-    addon.tcp_message(flow)
-    assert flow.messages[-1].content == b""
+    stranger = tflow.tclient_conn()
+    stranger.peername = ("127.0.0.9", 1)
+    stranger.proxy_mode = ProxyMode.parse(mode)
+    addon.client_connected(stranger)
+    assert stranger.error and "ip_not_whitelisted" in stranger.error  # mitmproxy closes it at once
+    known = tflow.tclient_conn()
+    known.peername = ("127.0.0.5", 1)
+    known.proxy_mode = ProxyMode.parse(mode)
+    addon.client_connected(known)
+    assert known.error is None
+
+
+@pytest.mark.parametrize("mode", ["regular", "reverse:http://127.0.0.1:9", "transparent"])
+def test_http_capable_modes_are_not_decided_at_connect(tctx, mode: str) -> None:
+    """There, each request is decided on its own (an open route may serve anyone)."""
+    addon, _ = tctx
+    client = tflow.tclient_conn()
+    client.peername = ("127.0.0.9", 1)
+    client.proxy_mode = ProxyMode.parse(mode)
+    addon.client_connected(client)
+    assert client.error is None
+
+
+def test_dns_requests_from_uncovered_peers_are_refused(tctx) -> None:
+    addon, _ = tctx
+    denied = tflow.tdnsflow()
+    denied.client_conn.peername = ("127.0.0.9", 1)
+    addon.dns_request(denied)
+    assert denied.response is not None
+    assert denied.response.response_code == dns_response_codes.REFUSED
+    assert denied.metadata["knoxcall"]["reason"] == "ip_not_whitelisted"
+    allowed = tflow.tdnsflow()
+    allowed.client_conn.peername = ("127.0.0.5", 1)
+    addon.dns_request(allowed)
+    assert allowed.response is None
+    assert allowed.metadata["knoxcall"]["decision"] == "allowed"
+
+
+@pytest.mark.parametrize(
+    ("name", "values", "status"),
+    [
+        ("x-knoxcall-route", ["api", "open"], 404),
+        ("x-knoxcall-environment", ["staging", "production"], 404),
+        ("x-knoxcall-key", [LIVE_KEY, LIVE_KEY], 401),
+    ],
+)
+def test_repeated_control_headers_are_refused(tctx, name: str, values: list[str], status: int) -> None:
+    """A header sent twice is never resolved to one of its values: it is refused as a whole."""
+    addon, _ = tctx
+    flow = make_flow(headers=[(name, v) for v in values])
+    addon.requestheaders(flow)
+    assert flow.response is not None and flow.response.status_code == status

@@ -169,7 +169,9 @@ def test_raw_tcp_from_uncovered_peers_is_closed(make_config, tcp_echo: TcpEcho, 
         assert tcp_echo.connections == 1  # the denied peers never reached the upstream
         proxy.wait_for_log("knoxcall: denied ip_not_whitelisted 127.0.0.99")
         proxy.wait_for_log("knoxcall: denied client_disabled 127.0.0.41")
-        reasons = [(r["client_ip"], r["decision"], r["reason"]) for r in proxy.access_records()]
+        # (127.0.0.1 is the harness probing the listener; it is refused like any stranger)
+        records = [r for r in proxy.access_records() if r["client_ip"] != "127.0.0.1"]
+        reasons = [(r["client_ip"], r["decision"], r["reason"]) for r in records]
         assert reasons == [
             ("127.0.0.9", "allowed", "client"),
             ("127.0.0.99", "denied", "ip_not_whitelisted"),
@@ -292,3 +294,47 @@ def test_scripts_run_serves_the_example_config(tmp_path: Path) -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(5)
+
+
+def test_raw_tcp_inside_a_connect_tunnel_is_decided(make_config, tcp_echo: TcpEcho, tmp_path: Path) -> None:
+    """Open routes make a CONNECT from anyone acceptable (requests inside are decided one by
+    one); raw TCP inside such a tunnel is then decided by the peer alone."""
+    config = make_config(
+        **{
+            "k.yaml": {
+                **RAW_CONFIG["k.yaml"],
+                "routes": [
+                    {"name": "api"},
+                    {"name": "status", "requires_clients": False, "match": {"path_prefix": "/s"}},
+                ],
+            }
+        }
+    )
+    proxy = MitmDump(config, access_log=tmp_path / "a.jsonl", extra=["--set", f"confdir={tmp_path / 'conf'}"])
+    with proxy:
+        for source, answer in [("127.0.0.9", b"echo:\x00\x01raw"), ("127.0.0.99", b"")]:
+            with socket.socket() as s:
+                s.settimeout(10)
+                s.bind((source, 0))
+                s.connect(("127.0.0.1", proxy.port))
+                target = f"127.0.0.1:{tcp_echo.port}"
+                s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += s.recv(1)
+                assert head.startswith(b"HTTP/1.1 200"), (source, head)  # the tunnel itself is allowed
+                try:
+                    s.sendall(b"\x00\x01raw")
+                    got = s.recv(100)
+                except (ConnectionResetError, BrokenPipeError):
+                    got = b""
+                assert got == answer, source
+        assert tcp_echo.connections == 1
+        proxy.wait_for_log("knoxcall: denied ip_not_whitelisted 127.0.0.99")
+        records = [(r["method"], r["client_ip"], r["decision"], r["reason"]) for r in proxy.access_records()]
+        assert records == [
+            ("CONNECT", "127.0.0.9", "allowed", "client"),
+            (None, "127.0.0.9", "allowed", "client"),
+            ("CONNECT", "127.0.0.99", "allowed", "open_route"),
+            (None, "127.0.0.99", "denied", "ip_not_whitelisted"),
+        ]

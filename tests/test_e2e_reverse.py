@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from tests.e2e_util import (
     REQUEST_ID,
     assert_denial,
     h2_client,
+    h2_concurrent,
     raw_http,
     record_for,
     sha,
@@ -398,14 +398,19 @@ def test_http2_every_stream_decided(setup: Setup) -> None:
         assert_denial(
             denied, 403, {"error": IP_BODY, "status": 403, "ip": OFFICE, "route": "other", "environment": "production"}
         )
-        # concurrent streams on the same connection, each decided on its own
-        plan = [("/v1/s", 200), ("/nothing", 404), ("/other/s", 403), ("/rw/s", 200), ("/keyed/s", 401)] * 2
-        with ThreadPoolExecutor(4) as pool:
-            responses = list(pool.map(lambda item: client.get(base + item[0]), plan))
-        assert [r.status_code for r in responses] == [status for _, status in plan]
-        assert {r.http_version for r in responses} == {"HTTP/2"}
-        ids = [r.headers["x-knoxcall-request-id"] for r in responses]
-        assert len(set(ids)) == len(ids)
+    # concurrent streams on one connection, each decided on its own
+    plan = [("/v1/s", 200), ("/nothing", 404), ("/other/s", 403), ("/rw/s", 200), ("/keyed/s", 401)] * 2
+    answers = h2_concurrent(OFFICE, setup.proxy.port, [path for path, _ in plan])
+    assert [status for status, _, _ in answers] == [status for _, status in plan]
+    ids = [headers["x-knoxcall-request-id"] for _, headers, _ in answers]
+    assert len(set(ids)) == len(ids)
+    for (path, status), (_, headers, body) in zip(plan, answers, strict=True):
+        data = json.loads(body)
+        if status == 200:
+            assert data["path"].endswith(path)
+        else:
+            assert headers["content-type"] == "application/json"
+            assert data["status"] == status and data["request_id"] == headers["x-knoxcall-request-id"]
     with h2_client(STRANGER) as client:
         r = client.get(f"https://127.0.0.1:{setup.proxy.port}/v1/h2")
         assert r.http_version == "HTTP/2"
