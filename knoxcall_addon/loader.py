@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import posixpath
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from knoxcall_addon.model import (
     ApiKey,
@@ -412,10 +413,18 @@ class _Builder:
         if prefix is not None and not prefix.startswith("/"):
             self.error(value.key_locations["path_prefix"], f"{what}: path_prefix must start with '/'")
             prefix = None
+        elif prefix is not None and (normal := _normal_prefix(prefix)) != (prefix.rstrip("/") or "/"):
+            # Requests are matched decoded and normalised (policy.normalize_path): a prefix
+            # written otherwise would silently never match.
+            self.error(
+                value.key_locations["path_prefix"],
+                f"{what}: path_prefix {prefix!r} can never match, since request paths are matched "
+                f"percent-decoded and normalised; write {normal!r}",
+            )
+            prefix = None
         if prefix is None:
             return None
-        if prefix != "/":
-            prefix = prefix.rstrip("/")
+        prefix = prefix.rstrip("/") or "/"  # "/v1/" is "/v1"; "//" is "/", not ""
         return RouteMatch(hosts=tuple(hosts), path_prefix=prefix)
 
     def _route(self, entry: LocatedDict, name: str, environments: dict[str, Environment]) -> Route:
@@ -531,6 +540,13 @@ class _Builder:
 def _suggest(name: str, known: dict[str, Any]) -> str:
     hint = difflib.get_close_matches(str(name), list(known), n=1)
     return f" (did you mean {hint[0]!r}?)" if hint else ""
+
+
+def _normal_prefix(prefix: str) -> str:
+    """A path prefix as request paths are matched: no query, decoded, no dot segments or //."""
+    path = unquote(prefix.split("?", 1)[0].split("#", 1)[0]).replace("\\", "/")
+    normal = posixpath.normpath(path)
+    return "/" + normal.lstrip("/")
 
 
 def _quote_hint(value: Any) -> str:

@@ -580,3 +580,28 @@ def test_quoted_ipv6_with_decimal_groups_loads(tmp_path: Path) -> None:
     folder = tmp_path / "cfg"
     write(folder, "a.yaml", ENVS + "clients:\n  - name: a\n    ip_address: '1:2:3:4:5:6:7:8'\n")
     assert load_config(folder).clients["a"].networks == (ipaddress.ip_network("1:2:3:4:5:6:7:8/128"),)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "normal"),
+    [("/v1/../admin", "/admin"), ("/a%20b", "/a b"), ("/v1?x=1", "/v1"), ("/a//b", "/a/b"), ("/./v1", "/v1")],
+)
+def test_path_prefix_that_could_never_match(tmp_path: Path, prefix: str, normal: str) -> None:
+    """Request paths are matched decoded and normalised; a prefix written otherwise is an error."""
+    folder = tmp_path / "cfg"
+    write(folder, "a.yaml", ENVS + f"routes:\n  - name: r\n    match:\n      path_prefix: '{prefix}'\n")
+    assert one_error(folder) == (
+        f"a.yaml:7: route 'r': path_prefix {prefix!r} can never match, since request paths are matched "
+        f"percent-decoded and normalised; write {normal!r}"
+    )
+
+
+@pytest.mark.parametrize(("prefix", "stored"), [("/", "/"), ("//", "/"), ("/v1/", "/v1"), ("/a b", "/a b")])
+def test_path_prefix_forms_that_load(tmp_path: Path, prefix: str, stored: str) -> None:
+    folder = tmp_path / "cfg"
+    write(folder, "a.yaml", ENVS + f"routes:\n  - name: r\n    match: {{path_prefix: '{prefix}'}}\n")
+    route = load_policy(folder).routes["r"]
+    assert route.match is not None and route.match.path_prefix == stored
+    table = load_policy(folder).route_table
+    found = table.find("any.example.com", stored + "/x" if stored != "/" else "/x")
+    assert found is not None and found.name == "r"
