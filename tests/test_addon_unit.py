@@ -435,8 +435,10 @@ def test_request_id_on_forwarded_responses(tctx) -> None:
     flow = make_flow()
     addon.requestheaders(flow)
     flow.response = tutils.tresp()
+    flow.response.headers["X-KnoxCall-Request-Id"] = "forged-by-upstream"
     addon.responseheaders(flow)
-    assert flow.response.headers["x-knoxcall-request-id"] == flow.metadata["knoxcall"]["request_id"]
+    # ours replaces anything an upstream sent under that name
+    assert flow.response.headers.get_all("x-knoxcall-request-id") == [flow.metadata["knoxcall"]["request_id"]]
 
 
 def test_access_log_lines(tctx, tmp_path: Path) -> None:
@@ -631,3 +633,28 @@ def test_repeated_control_headers_are_refused(tctx, name: str, values: list[str]
     flow = make_flow(headers=[(name, v) for v in values])
     addon.requestheaders(flow)
     assert flow.response is not None and flow.response.status_code == status
+
+
+def test_client_ip_header_setting_is_the_header_read(tctx, tmp_path: Path) -> None:
+    addon, context = tctx
+    folder = tmp_path / "real-ip"
+    folder.mkdir()
+    (folder / "c.yaml").write_text(
+        "settings: {trusted_proxies: [127.0.0.50], client_ip_header: X-Real-IP}\n"
+        "environments: [{name: production}]\nclients: [{name: c, ip_address: 127.0.0.0/29}]\n"
+        "routes: [{name: r}]\nassignments: {r: {production: [c]}}\n"
+    )
+    context.configure(addon, knoxcall_config=str(folder))
+    via_real_ip = make_flow(
+        peer=("127.0.0.50", 1),
+        headers=[("x-knoxcall-route", "r"), ("X-Real-IP", "127.0.0.5"), ("X-Forwarded-For", "127.0.0.99")],
+    )
+    addon.requestheaders(via_real_ip)
+    assert via_real_ip.response is None
+    assert via_real_ip.metadata["knoxcall"]["client_ip"] == "127.0.0.5"
+    # X-Forwarded-For is not read for the decision then (but still extended for upstream)
+    via_xff = make_flow(peer=("127.0.0.50", 1), headers=[("x-knoxcall-route", "r"), ("X-Forwarded-For", "127.0.0.5")])
+    addon.requestheaders(via_xff)
+    assert via_xff.response is not None and via_xff.response.status_code == 403
+    assert via_xff.metadata["knoxcall"]["client_ip"] == "127.0.0.50"
+    assert via_real_ip.request.headers["X-Forwarded-For"] == "127.0.0.99, 127.0.0.50"

@@ -604,3 +604,16 @@ def test_decision_is_a_value() -> None:
     decision = Decision(True, "client", 0, "10.0.0.1", "10.0.0.1")
     with pytest.raises(AttributeError):
         decision.reason = "other"  # type: ignore[misc]
+
+
+def test_other_client_ip_header(tmp_path: Path) -> None:
+    """settings.client_ip_header names the header that is walked; X-Forwarded-For is then just a header."""
+    (tmp_path / "c.yaml").write_text(
+        "settings: {trusted_proxies: [127.0.0.50], client_ip_header: X-Real-IP}\n"
+        "environments: [{name: production}]\nclients: [{name: c, ip_address: 10.0.0.0/24}]\n"
+        "routes: [{name: r}]\nassignments: {r: {production: [c]}}\n"
+    )
+    policy = load_policy(tmp_path)
+    assert policy.settings.client_ip_header == "X-Real-IP"
+    decision = decide(policy, RequestFacts(peer="127.0.0.50", route="r", forwarded_for=("10.0.0.7",)))
+    assert (decision.reason, decision.client_ip) == ("client", "10.0.0.7")
