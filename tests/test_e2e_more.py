@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.e2e_util import assert_denial, record_for
-from tests.harness import ROOT, MitmDump, Upstream, client_from, free_port, run_mitmdump_expecting_exit
+from tests.harness import ADDON, BIN, ROOT, MitmDump, Upstream, client_from, free_port, run_mitmdump_expecting_exit
 
 IP_BODY = "IP not authorized"
 
@@ -338,3 +338,17 @@ def test_raw_tcp_inside_a_connect_tunnel_is_decided(make_config, tcp_echo: TcpEc
             ("CONNECT", "127.0.0.99", "allowed", "open_route"),
             (None, "127.0.0.99", "denied", "ip_not_whitelisted"),
         ]
+
+
+def test_invalid_config_makes_mitmweb_exit_too(make_config, tmp_path: Path) -> None:
+    config = make_config(**{"k.yaml": "environments:\n  - name: production\nclients: [{name: a}]\n"})
+    result = subprocess.run(
+        [str(BIN / "mitmweb"), "-s", str(ADDON),
+         "--set", f"knoxcall_config={config}", "--listen-host", "127.0.0.1", "-p", str(free_port()),
+         "--set", "web_host=127.0.0.1", "--set", f"web_port={free_port()}", "--set", "web_open_browser=false",
+         "--set", f"confdir={tmp_path / 'conf'}"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert f"{config}/k.yaml:3: client 'a' is missing required key 'ip_address'" in output
