@@ -60,6 +60,7 @@ class KnoxCall:
         self._pending: set[str] = set()  # ids of HTTP flows decided but not yet access-logged
         self.uninspected_tunnels = False  # ignore_hosts/allow_hosts: some tunnels are never inspected
         self._refused: set[str] = set()  # ids of client connections whose raw flows were refused
+        self.streaming_bodies = False  # stream_large_bodies is set: denied bodies may be streamed
 
     # -- options -----------------------------------------------------------------------
 
@@ -91,6 +92,8 @@ class KnoxCall:
             # Ignored hosts' tunnels carry raw TCP that no addon hook ever sees, so a
             # CONNECT can no longer count on the requests inside being decided.
             self.uninspected_tunnels = bool(ctx.options.ignore_hosts or ctx.options.allow_hosts)
+        if "stream_large_bodies" in updated:
+            self.streaming_bodies = bool(ctx.options.stream_large_bodies)
         if "knoxcall_access_log" in updated:
             if self.access_log:
                 self.access_log.close()
@@ -155,7 +158,14 @@ class KnoxCall:
         self._annotate(flow, decision, meta)
         self._pending.add(flow.id)
         if not decision.allowed:
-            flow.response = denial_response(decision, request_id)
+            if flow.request.stream or (self.streaming_bodies and _body_size_unknown(request)):
+                # stream_large_bodies: mitmproxy streams this body (or will, once a chunked
+                # body of unknown size grows past the limit) and cannot also answer the
+                # request: it raises, and the caller hangs with no answer at all. Close
+                # the connection instead; nothing goes upstream either way.
+                flow.kill()
+            else:
+                flow.response = denial_response(decision, request_id)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         """CONNECT in forward mode: refuse tunnels from peers that nothing could allow."""
@@ -313,6 +323,19 @@ class KnoxCall:
 def _decided_at_connect(client: connection.Client) -> bool:
     mode = client.proxy_mode
     return isinstance(mode, mode_specs.ReverseMode) and mode.scheme in RAW_REVERSE_SCHEMES
+
+
+def _body_size_unknown(request: http.Request) -> bool:
+    """May this request carry a body whose size mitmproxy learns only while reading it?"""
+    if "transfer-encoding" in request.headers:
+        return True
+    # HTTP/2 and 3 bodies need no content-length; methods without a body usually end the
+    # stream with the headers (which this hook cannot see).
+    return (
+        (request.is_http2 or request.is_http3)
+        and "content-length" not in request.headers
+        and request.method not in ("GET", "HEAD", "OPTIONS", "DELETE", "TRACE")
+    )
 
 
 def peer_host(flow: Any) -> str:

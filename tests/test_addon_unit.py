@@ -658,3 +658,45 @@ def test_client_ip_header_setting_is_the_header_read(tctx, tmp_path: Path) -> No
     assert via_xff.response is not None and via_xff.response.status_code == 403
     assert via_xff.metadata["knoxcall"]["client_ip"] == "127.0.0.50"
     assert via_real_ip.request.headers["X-Forwarded-For"] == "127.0.0.99, 127.0.0.50"
+
+
+def test_denied_request_whose_body_mitmproxy_streams_is_killed(tctx) -> None:
+    """mitmproxy cannot both stream a request body (stream_large_bodies) and answer it."""
+    addon, context = tctx
+    flow = make_flow(peer=("127.0.0.9", 1), method="POST")
+    flow.request.stream = True  # what mitmproxy sets before requestheaders for a large body
+    addon.requestheaders(flow)
+    assert flow.response is None
+    assert flow.error is not None and flow.error.msg == flow.error.KILLED_MESSAGE
+    assert flow.metadata["knoxcall"]["reason"] == "ip_not_whitelisted"
+    # a chunked body of unknown size may grow past the limit later: same
+    if "stream_large_bodies" not in context.options:  # registered by mitmproxy's proxyserver addon
+        context.options.add_option("stream_large_bodies", str | None, None, "as in mitmproxy")
+    context.configure(addon, stream_large_bodies="1k")
+    assert addon.streaming_bodies
+    chunked = make_flow(peer=("127.0.0.9", 1), method="POST", headers=[("Transfer-Encoding", "chunked")])
+    addon.requestheaders(chunked)
+    assert chunked.response is None and chunked.error is not None
+    h2_post = make_flow(peer=("127.0.0.9", 1), method="POST")
+    h2_post.request.http_version = "HTTP/2.0"
+    addon.requestheaders(h2_post)
+    assert h2_post.response is None and h2_post.error is not None
+    h2_get = make_flow(peer=("127.0.0.9", 1))
+    h2_get.request.http_version = "HTTP/2.0"
+    addon.requestheaders(h2_get)
+    assert h2_get.response is not None and h2_get.response.status_code == 403
+    # allowed requests stream as usual, and small denied ones are answered
+    allowed = make_flow(method="POST")
+    allowed.request.stream = True
+    addon.requestheaders(allowed)
+    assert allowed.error is None and allowed.response is None
+    small = make_flow(peer=("127.0.0.9", 1), method="POST", headers=[("Content-Length", "3")])
+    addon.requestheaders(small)
+    assert small.response is not None and small.response.status_code == 403
+
+
+def test_chunked_denial_is_answered_when_nothing_streams(tctx) -> None:
+    addon, _ = tctx
+    chunked = make_flow(peer=("127.0.0.9", 1), method="POST", headers=[("Transfer-Encoding", "chunked")])
+    addon.requestheaders(chunked)
+    assert chunked.response is not None and chunked.response.status_code == 403

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e_util import assert_denial, record_for
+from tests.e2e_util import assert_denial, h2_client, record_for
 from tests.harness import ADDON, BIN, ROOT, MitmDump, Upstream, client_from, free_port, run_mitmdump_expecting_exit
 
 IP_BODY = "IP not authorized"
@@ -352,3 +352,46 @@ def test_invalid_config_makes_mitmweb_exit_too(make_config, tmp_path: Path) -> N
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
     assert f"{config}/k.yaml:3: client 'a' is missing required key 'ip_address'" in output
+
+
+def test_stream_large_bodies_denials_do_not_crash(make_config, tmp_path: Path) -> None:
+    """With stream_large_bodies, a denied large upload is cut off (mitmproxy cannot answer a
+    request whose body it streams); nothing reaches the upstream, nothing crashes."""
+    with Upstream("main") as upstream:
+        config = make_config(
+            **{
+                "k.yaml": {
+                    "environments": [{"name": "production"}],
+                    "clients": [{"name": "office", "ip_address": "127.0.0.8/29"}],
+                    "routes": [{"name": "api", "target_base_url": upstream.url}],
+                    "assignments": {"api": {"production": ["office"]}},
+                }
+            }
+        )
+        proxy = MitmDump(
+            config,
+            mode=f"reverse:{upstream.url}",
+            access_log=tmp_path / "a.jsonl",
+            extra=["--set", "stream_large_bodies=1k", "--set", f"confdir={tmp_path / 'conf'}"],
+        )
+        big = b"x" * 100_000
+        with proxy:
+            with client_from("127.0.0.9") as office:
+                r = office.post(proxy.url + "/up", content=big, headers={"x-knoxcall-route": "api"})
+                assert r.status_code == 200 and len(r.json()["body"]) == len(big)
+            with client_from("127.0.0.99") as stranger:
+                with pytest.raises(httpx.RemoteProtocolError):
+                    stranger.post(proxy.url + "/big", content=big, headers={"x-knoxcall-route": "api"})
+                with pytest.raises(httpx.RemoteProtocolError):
+                    stranger.post(proxy.url + "/chunked", content=iter([big]), headers={"x-knoxcall-route": "api"})
+                small = stranger.post(proxy.url + "/small", content=b"tiny", headers={"x-knoxcall-route": "api"})
+                assert small.status_code == 403 and small.json()["ip"] == "127.0.0.99"
+            with h2_client("127.0.0.99") as stranger:
+                url = f"https://127.0.0.1:{proxy.port}/h2"
+                with pytest.raises(httpx.RemoteProtocolError):  # the stream is reset
+                    stranger.post(url, content=iter([big]), headers={"x-knoxcall-route": "api"})
+                r = stranger.get(url, headers={"x-knoxcall-route": "api"})
+                assert r.http_version == "HTTP/2" and r.status_code == 403
+            proxy.wait_for_log("knoxcall: denied ip_not_whitelisted 127.0.0.99")
+            assert "has crashed" not in proxy.log_text()
+            assert [s["path"] for s in upstream.seen] == ["/up"]
