@@ -165,7 +165,7 @@ class KnoxCall:
                 # the connection instead; nothing goes upstream either way.
                 flow.kill()
             else:
-                flow.response = denial_response(decision, request_id)
+                flow.response = denial_response(decision, request_id, request.method)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         """CONNECT in forward mode: refuse tunnels from peers that nothing could allow."""
@@ -393,7 +393,7 @@ def _authority(scheme: str, host: str, port: int) -> str:
     return host_text if port == default else f"{host_text}:{port}"
 
 
-def denial_response(decision: Decision, request_id: str) -> http.Response:
+def denial_response(decision: Decision, request_id: str, method: str = "GET") -> http.Response:
     body = {**decision.body, "request_id": request_id}
     headers = {
         "Content-Type": "application/json",
@@ -402,4 +402,8 @@ def denial_response(decision: Decision, request_id: str) -> http.Response:
     }
     if decision.allow_methods:
         headers["Allow"] = ", ".join(decision.allow_methods)
-    return http.Response.make(decision.status, json.dumps(body).encode(), headers)
+    # A response to HEAD has no body, and mitmproxy sends whatever content a response made
+    # by an addon has: the body's bytes would be read as the start of the next response
+    # on a keep-alive connection.
+    content = b"" if method.upper() == "HEAD" else json.dumps(body).encode()
+    return http.Response.make(decision.status, content, headers)

@@ -700,3 +700,14 @@ def test_chunked_denial_is_answered_when_nothing_streams(tctx) -> None:
     chunked = make_flow(peer=("127.0.0.9", 1), method="POST", headers=[("Transfer-Encoding", "chunked")])
     addon.requestheaders(chunked)
     assert chunked.response is not None and chunked.response.status_code == 403
+
+
+def test_head_denial_has_no_body(tctx) -> None:
+    """A body on a HEAD response would be read as the next response on a keep-alive connection."""
+    addon, _ = tctx
+    flow = make_flow(peer=("127.0.0.9", 1), method="HEAD", host="same.example.com", path="/")
+    addon.requestheaders(flow)
+    assert flow.response is not None and flow.response.status_code == 403
+    assert flow.response.raw_content == b""
+    assert flow.response.headers["content-type"] == "application/json"
+    assert flow.response.headers["x-knoxcall-request-id"] == flow.metadata["knoxcall"]["request_id"]

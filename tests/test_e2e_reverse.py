@@ -373,12 +373,18 @@ def test_keep_alive_connection_is_decided_per_request(setup: Setup) -> None:
         ("GET", "/nothing", {}, 404),
         ("GET", "/keyed/k", {"x-knoxcall-key": LIVE_KEY}, 200),
         ("GET", "/keyed/k", {}, 401),
+        ("POST", "/other/k", {}, 403),  # a denied request with a body: the body is consumed
+        ("POST", "/v1/k", {}, 200),
+        ("HEAD", "/v1/k", {}, 405),
         ("GET", "/v1/k", {}, 200),
     ]
     local_ports = set()
     with client_from(OFFICE) as client:
         for method, path, headers, status in expected:
-            r = client.request(method, setup.proxy.url + path, headers=headers)
+            body = b"payload " * 1000 if method == "POST" else None
+            r = client.request(method, setup.proxy.url + path, headers=headers, content=body)
+            if method == "POST" and status == 200:
+                assert r.json()["body"] == body.decode()
             assert r.status_code == status, (method, path, headers, r.text)
             assert REQUEST_ID.fullmatch(r.headers["x-knoxcall-request-id"])
             local_ports.add(r.extensions["network_stream"].get_extra_info("client_addr"))
