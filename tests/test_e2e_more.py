@@ -395,3 +395,27 @@ def test_stream_large_bodies_denials_do_not_crash(make_config, tmp_path: Path) -
             proxy.wait_for_log("knoxcall: denied ip_not_whitelisted 127.0.0.99")
             assert "has crashed" not in proxy.log_text()
             assert [s["path"] for s in upstream.seen] == ["/up"]
+
+
+def test_unreachable_upstream_is_logged_with_null_status(make_config, tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    config = make_config(
+        **{
+            "k.yaml": {
+                "environments": [{"name": "production"}],
+                "clients": [{"name": "office", "ip_address": "127.0.0.8/29"}],
+                "routes": [{"name": "api", "target_base_url": dead}],
+                "assignments": {"api": {"production": ["office"]}},
+            }
+        }
+    )
+    proxy = MitmDump(config, mode=f"reverse:{dead}", access_log=tmp_path / "a.jsonl")
+    with proxy, client_from("127.0.0.9") as client:
+        r = client.get(proxy.url + "/x", headers={"x-knoxcall-route": "api"})
+        assert r.status_code == 502  # made by mitmproxy, after the request was allowed
+        deadline = time.monotonic() + 10
+        while not proxy.access_records():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        (record,) = proxy.access_records()
+        assert (record["decision"], record["reason"], record["status"]) == ("allowed", "client", None)
