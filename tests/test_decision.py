@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from knoxcall_addon.decision import (
     ALLOWED_REASONS,
@@ -617,3 +619,40 @@ def test_other_client_ip_header(tmp_path: Path) -> None:
     assert policy.settings.client_ip_header == "X-Real-IP"
     decision = decide(policy, RequestFacts(peer="127.0.0.50", route="r", forwarded_for=("10.0.0.7",)))
     assert (decision.reason, decision.client_ip) == ("client", "10.0.0.7")
+
+
+# -- properties over random requests ---------------------------------------------------------
+
+PEERS = st.sampled_from(
+    ["10.0.0.7", "10.0.1.5", "10.0.2.9", "10.0.3.4", "198.51.100.7", "127.0.0.50", "::ffff:10.0.0.7", "2001:db8::5"]
+)
+TEXT = st.text(st.characters(codec="ascii", exclude_categories=("Cc",)), max_size=20)
+FACTS = st.builds(
+    RequestFacts,
+    peer=PEERS | TEXT,
+    method=st.sampled_from(["GET", "POST", "DELETE", "HEAD"]) | TEXT,
+    host=st.sampled_from(["api.example.com", "x.example.com", "x.eu.example.com", "example.com"]) | TEXT,
+    path=st.sampled_from(["/v1", "/v1/admin", "/health", "/health/../v1/admin", "/anything", "/v10"]) | TEXT,
+    route=st.none() | st.sampled_from(["api", "admin", "health", "keyed", "off", "nope"]),
+    environment=st.none() | st.sampled_from(["production", "staging", "development", "qa"]),
+    api_key=st.none() | st.sampled_from(["live-secret", "test-secret", "old-secret", "guess"]),
+    forwarded_for=st.lists(st.sampled_from(["10.0.0.7", "198.51.100.1", "10.9.1.1", "garbage"]) | TEXT, max_size=3).map(
+        tuple
+    ),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(facts_=FACTS)
+def test_decide_never_raises_and_answers_consistently(policy: Policy, facts_: RequestFacts) -> None:
+    decision = decide(policy, facts_)
+    if decision.allowed:
+        assert decision.reason in ALLOWED_REASONS and decision.status == 0 and decision.body == {}
+    else:
+        assert decision.reason in DENIED_REASONS
+        assert decision.body["status"] == decision.status and decision.status in (401, 403, 404, 405)
+        if decision.status == 403:
+            assert decision.body["ip"] == decision.client_ip
+    # a header from an untrusted peer never changes anything
+    if decision.peer_ip not in ("127.0.0.50",):
+        assert decide(policy, RequestFacts(**{**facts_.__dict__, "forwarded_for": ()})) == decision
