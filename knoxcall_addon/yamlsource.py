@@ -103,6 +103,10 @@ def parse_yaml(text: str, source_name: str) -> Any:
         raise ConfigError([Problem(Location(source_name, line), f"invalid YAML: {what}")]) from None
     except yaml.YAMLError as e:
         raise ConfigError([Problem(Location(source_name, 1), f"invalid YAML: {e}")]) from None
+    except RecursionError:
+        # PyYAML parses nesting recursively: a pathologically deep file must be a config
+        # error with a file name (a reload must not die on it), not a crash.
+        raise ConfigError([Problem(Location(source_name, 1), "invalid YAML: nested too deeply")]) from None
     finally:
         loader.dispose()
 

@@ -605,3 +605,31 @@ def test_path_prefix_forms_that_load(tmp_path: Path, prefix: str, stored: str) -
     table = load_policy(folder).route_table
     found = table.find("any.example.com", stored + "/x" if stored != "/" else "/x")
     assert found is not None and found.name == "r"
+
+
+def test_pathologically_deep_yaml_is_a_config_error(tmp_path: Path) -> None:
+    """PyYAML recurses per nesting level; the RecursionError must not escape as a crash."""
+    folder = tmp_path / "cfg"
+    write(folder, "deep.yaml", ENVS + "clients: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert one_error(folder) == "deep.yaml:1: invalid YAML: nested too deeply"
+
+
+def test_yaml_oddities(tmp_path: Path) -> None:
+    folder = tmp_path / "cfg"
+    write(
+        folder,
+        "a.yaml",
+        ENVS
+        + """\
+clients:
+  - name: 2024-01-01
+    ip_address: 10.0.0.1
+  - &same {name: a, ip_address: 10.0.0.2}
+  - *same
+  - !!binary YWJj
+""",
+    )
+    found = errors(folder)
+    assert "a.yaml:5: client: 'name' must be a string, not date (datetime.date(2024, 1, 1))" in found
+    assert "a.yaml:7: client 'a' is defined twice (first at a.yaml:7)" in found
+    assert "a.yaml:9: each client must be a mapping with a 'name'" in found
