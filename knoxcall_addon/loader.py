@@ -64,6 +64,8 @@ def load_config(folder: str | Path) -> Config:
     """Read, validate and return the config in ``folder``; raise ConfigError otherwise."""
     path = Path(folder)
     sources, version = read_folder(path)
+    if not sources:
+        raise ConfigError([Problem(Location(str(path), 0), "no config files (*.yaml, *.yml) in this folder")])
     builder = _Builder()
     for source in sources:
         builder.add_file(source.data, str(source.path))
@@ -219,6 +221,7 @@ class _Builder:
     # -- validating ------------------------------------------------------------------
 
     def build(self, version: str, folder: str, files: tuple[str, ...]) -> Config:
+        self.folder = folder
         environments = self._named(self.lists["environments"], "environment", self._environment)
         clients = self._named(self.lists["clients"], "client", self._client)
         routes = self._named(self.lists["routes"], "route", lambda e, n: self._route(e, n, environments))
@@ -306,10 +309,11 @@ class _Builder:
         )
 
     def _first_file(self) -> str:
-        for entries in self.lists.values():
+        """A file to name for a problem of the config as a whole (e.g. no environments)."""
+        for entries in [*self.lists.values(), self.settings.values(), self.assignments.values()]:
             for _, where in entries:
                 return where.file
-        return "<config>"
+        return self.folder
 
     def _networks(self, value: Any, where: Location, what: str) -> list[IPNetwork]:
         """An IP, a CIDR, a comma-separated string of them, or a YAML list of those."""

@@ -6,11 +6,17 @@ numbers the errors must name are visible in the test itself.
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import textwrap
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from knoxcall_addon.loader import load_config
 from knoxcall_addon.model import ConfigError
@@ -633,3 +639,88 @@ clients:
     assert "a.yaml:5: client: 'name' must be a string, not date (datetime.date(2024, 1, 1))" in found
     assert "a.yaml:7: client 'a' is defined twice (first at a.yaml:7)" in found
     assert "a.yaml:9: each client must be a mapping with a 'name'" in found
+
+
+# -- property: whatever is written, the loader answers with a Config or a ConfigError ----------
+
+_BASE: dict[str, Any] = {
+    "settings": {"default_environment": "production", "trusted_proxies": ["10.9.0.0/16"], "unmatched_requests": "deny"},
+    "environments": [{"name": "production", "description": "x"}, {"name": "staging"}],
+    "clients": [
+        {"name": "c", "type": "server", "ip_address": "10.0.0.0/8", "enabled": True},
+        {"name": "d", "ip_address": ["::1", "10.1.0.0/16"]},
+    ],
+    "routes": [
+        {
+            "name": "r",
+            "target_base_url": "http://127.0.0.1:9000/b",
+            "requires_api_key": False,
+            "allowed_methods": ["GET"],
+            "match": {"hosts": ["a.com", "*.b.com"], "path_prefix": "/v1"},
+            "environments": {"staging": {"target_base_url": "http://127.0.0.1:9001", "allowed_methods": ["GET"]}},
+        },
+        {"name": "s", "match": {"path_prefix": "/s"}},
+    ],
+    "assignments": {"r": {"production": ["c"], "staging": ["d"]}, "s": {"production": ["c", "d"]}},
+    "api_keys": [{"name": "k", "key_sha256": "a" * 64, "type": "test", "enabled": True}],
+}
+
+
+def _paths(value: Any, prefix: tuple = ()) -> list[tuple]:
+    found = [prefix] if prefix else []
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else []
+    for key, child in items:
+        found += _paths(child, (*prefix, key))
+    return found
+
+
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 10**12)
+    | st.floats(allow_nan=False)
+    | st.sampled_from(["production", "r", "c", "10.0.0.1/8", "::1", "http://x", "/v1", "/../", "%", "", "*.a.com"])
+    | st.text(max_size=6)
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(edits=st.lists(st.tuples(st.sampled_from(_paths(_BASE)), _VALUES, st.booleans()), min_size=1, max_size=3))
+def test_any_edit_of_a_valid_config_loads_or_is_a_config_error(tmp_path: Path, edits: list) -> None:
+    doc = copy.deepcopy(_BASE)
+    for path, value, delete in edits:
+        target: Any = doc
+        try:
+            for key in path[:-1]:
+                target = target[key]
+            if delete and isinstance(target, dict):
+                target.pop(path[-1], None)
+            else:
+                target[path[-1]] = value
+        except (KeyError, IndexError, TypeError):
+            continue
+    folder = tmp_path / f"cfg{uuid.uuid4().hex}"
+    folder.mkdir()
+    (folder / "a.yaml").write_text(yaml.safe_dump(doc))
+    try:
+        load_policy(folder)
+    except ConfigError as e:
+        assert e.problems and all(str(p).startswith(f"{folder}/a.yaml") for p in e.problems)
+
+
+def test_problems_of_the_whole_config_name_a_file_or_the_folder(tmp_path: Path) -> None:
+    only_settings = tmp_path / "only-settings"
+    write(only_settings, "a.yaml", "settings:\n  unmatched_requests: deny\n")
+    assert errors(only_settings) == ["a.yaml: default environment 'production' is not defined under 'environments'"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError) as caught:
+        load_config(empty)
+    assert str(caught.value) == f"{empty}: no config files (*.yaml, *.yml) in this folder"
