@@ -724,3 +724,15 @@ def test_problems_of_the_whole_config_name_a_file_or_the_folder(tmp_path: Path) 
     with pytest.raises(ConfigError) as caught:
         load_config(empty)
     assert str(caught.value) == f"{empty}: no config files (*.yaml, *.yml) in this folder"
+
+
+def test_configmap_style_symlinks_are_followed(tmp_path: Path) -> None:
+    """Kubernetes mounts a ConfigMap as name -> ..data/name -> ..<timestamp>/name."""
+    folder = tmp_path / "cfg"
+    real = folder / "..2026_11_28_00_00_00.000"
+    write(real, "knoxcall.yaml", ENVS + "clients:\n  - name: a\n    ip_address: 10.0.0.1\n")
+    (folder / "..data").symlink_to(real.name)
+    (folder / "knoxcall.yaml").symlink_to("..data/knoxcall.yaml")
+    config = load_config(folder)
+    assert list(config.clients) == ["a"]
+    assert [Path(f).name for f in config.files] == ["knoxcall.yaml"]
