@@ -395,9 +395,19 @@ class _Builder:
             )
             return None
         try:
-            parts.port  # noqa: B018 - raises on a bad port
+            port = parts.port  # raises on a port that is not a number in 0-65535
         except ValueError:
+            port = 0
+        if port == 0:  # port 0 would silently become the scheme's default port
             self.error(entry.key_locations["target_base_url"], f"{what}: bad port in {target!r}")
+            return None
+        if parts.username is not None or parts.password is not None:
+            # They would be dropped silently (the request is re-targeted by host and port),
+            # and a secret does not belong in the config.
+            self.error(
+                entry.key_locations["target_base_url"],
+                f"{what}: target_base_url must not contain credentials (user:password@)",
+            )
             return None
         return target
 

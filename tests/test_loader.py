@@ -469,7 +469,15 @@ def test_bad_trusted_proxies(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["ftp://files.example.com", "api.example.com/v1", "http://", "https://api.example.com/v1?x=1", "http://a:99999"],
+    [
+        "ftp://files.example.com",
+        "api.example.com/v1",
+        "http://",
+        "https://api.example.com/v1?x=1",
+        "http://a:99999",
+        "http://a:0",
+        "http://a:port",
+    ],
 )
 def test_bad_target_base_url(tmp_path: Path, url: str) -> None:
     folder = tmp_path / "cfg"
@@ -736,3 +744,9 @@ def test_configmap_style_symlinks_are_followed(tmp_path: Path) -> None:
     config = load_config(folder)
     assert list(config.clients) == ["a"]
     assert [Path(f).name for f in config.files] == ["knoxcall.yaml"]
+
+
+def test_target_base_url_with_credentials(tmp_path: Path) -> None:
+    folder = tmp_path / "cfg"
+    write(folder, "a.yaml", ENVS + "routes:\n  - name: r\n    target_base_url: 'https://user:pw@api.example.com'\n")
+    assert one_error(folder) == "a.yaml:6: route 'r': target_base_url must not contain credentials (user:password@)"
