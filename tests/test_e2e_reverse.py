@@ -9,6 +9,8 @@ Sources used (all in 127.0.0.0/8): office 127.0.0.8/29 (127.0.0.9 calls), elsewh
 from __future__ import annotations
 
 import json
+import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -481,3 +483,27 @@ def test_access_log_has_every_field(setup: Setup, tmp_path: Path) -> None:
     assert record["host"] == "127.0.0.1"
     assert record["ts"].endswith("Z")
     assert record["latency_ms"] >= 0
+
+
+def test_pipelined_requests_are_decided_one_by_one(setup: Setup) -> None:
+    """Several requests written at once on one connection: each gets its own decision, and
+    a denied request's body (or a denied HEAD's missing body) never shifts the next answer."""
+    host = f"Host: 127.0.0.1:{setup.proxy.port}\r\n"
+    requests = (
+        f"POST /other/pipe1 HTTP/1.1\r\n{host}Content-Length: 5\r\n\r\nhello"
+        f"GET /v1/pipe2 HTTP/1.1\r\n{host}\r\n"
+        f"HEAD /other/pipe3 HTTP/1.1\r\n{host}\r\n"
+        f"GET /v1/pipe4 HTTP/1.1\r\n{host}Connection: close\r\n\r\n"
+    ).encode()
+    data = b""
+    with socket.socket() as sock:
+        sock.settimeout(10)
+        sock.bind((OFFICE, 0))
+        sock.connect(("127.0.0.1", setup.proxy.port))
+        sock.sendall(requests)
+        while chunk := sock.recv(65536):
+            data += chunk
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", data)
+    assert statuses == [b"403", b"200", b"403", b"200"], data
+    assert data.count(b'"error": "IP not authorized"') == 1  # the HEAD denial has no body
+    assert [s["path"] for s in setup.main.seen if "pipe" in s["path"]] == ["/v1/pipe2", "/v1/pipe4"]
