@@ -143,3 +143,19 @@ def read_folder(folder: Path) -> tuple[list[SourceFile], str]:
     if problems:
         raise ConfigError(problems)
     return sources, digest.hexdigest()[:12]
+
+
+def folder_version(folder: Path) -> str:
+    """The version `read_folder` would give the folder's current files, without parsing them.
+
+    Hot reload compares it with the version in force to skip loads that would change
+    nothing (an editor's swap file, a touch, a revert of an invalid edit).
+    """
+    digest = hashlib.sha256()
+    for path in config_files(folder):
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            raw = b"\0unreadable\0"
+        digest.update(path.name.encode() + b"\0" + raw + b"\0")
+    return digest.hexdigest()[:12]

@@ -1,0 +1,396 @@
+"""Hot reload: watch the config folder, load off the event loop, swap on the loop.
+
+- `FolderWatcher`: watchdog on the folder (plus the folders that its symlinked files
+  point into, for Kubernetes ConfigMaps), a debounce, and one worker thread that runs
+  a callback when the events have been quiet for a short while.
+- `HotReload`: turns a quiet period into at most one load of the folder (in the
+  worker thread), and the result into one `install(policy)` call on the event loop.
+  It never replaces a good policy with anything but another good one.
+- `timed_load`: load + compile a folder and say how long it took (for scripts/bench).
+
+No mitmproxy import: the addon passes in the event loop and its install function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+
+from knoxcall_addon.configdiff import diff_configs
+from knoxcall_addon.model import ConfigError
+from knoxcall_addon.policy import Policy, load_policy
+from knoxcall_addon.yamlsource import YAML_SUFFIXES, folder_version
+
+logger = logging.getLogger("knoxcall")
+
+DEBOUNCE_SECONDS = 0.25  # quiet time after the last event before a reload
+MAX_DELAY_SECONDS = 2.0  # a reload happens at most this long after a burst started
+MAX_PROBLEMS_LOGGED = 10
+
+# Events that may mean new content. Opening and reading (ours included) are not among
+# them, so that loading the files never triggers another load.
+WATCHED_EVENTS = [
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileClosedEvent,
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+]
+_WATCHED_TYPES = tuple(WATCHED_EVENTS)
+
+
+@dataclass(frozen=True)
+class TimedLoad:
+    policy: Policy
+    seconds: float  # read + parse + validate + compile
+
+
+def timed_load(folder: str | Path) -> TimedLoad:
+    """Load and compile a folder the way a reload does; raise ConfigError if invalid."""
+    start = time.perf_counter()
+    policy = load_policy(folder)
+    return TimedLoad(policy, time.perf_counter() - start)
+
+
+def watch_dirs(folder: Path) -> set[Path]:
+    """The folder, and every folder that one of its YAML symlinks points into.
+
+    A ConfigMap's ``x.yaml`` is a symlink to ``..data/x.yaml`` and ``..data`` a symlink
+    to ``..2026_...``: its swap is seen in the folder itself, an edit behind a symlink
+    (or in a file linked from elsewhere) only in the target's folder.
+    """
+    dirs = {folder}
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return dirs
+    for path in entries:
+        if path.suffix in YAML_SUFFIXES and not path.name.startswith(".") and path.is_symlink():
+            try:
+                target = path.resolve(strict=True)
+            except (OSError, RuntimeError):
+                continue
+            dirs.add(target.parent)
+    return dirs
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, poke: Callable[[], None]) -> None:
+        self._poke = poke
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if isinstance(event, _WATCHED_TYPES):
+            self._poke()
+
+
+class FolderWatcher:
+    """Calls ``on_quiet`` (in its own thread) once per burst of file system events.
+
+    The call comes ``debounce`` seconds after the last event of a burst, or at the
+    latest ``max_delay`` after its first, so that a tool writing without pause cannot
+    hold reloads back forever. Events that arrive during a call make one more call.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        on_quiet: Callable[[], None],
+        debounce: float = DEBOUNCE_SECONDS,
+        max_delay: float = MAX_DELAY_SECONDS,
+    ) -> None:
+        self.folder = Path(os.path.abspath(folder))
+        self._on_quiet = on_quiet
+        self._debounce = debounce
+        self._max_delay = max_delay
+        self._cond = threading.Condition()
+        self._first_event: float | None = None
+        self._last_event = 0.0
+        self._stopping = False
+        self._observer = Observer()
+        self._observer.name = "knoxcall-watchdog"
+        self._observer.daemon = True
+        self._handler = _Handler(self.poke)
+        self._watches: dict[Path, object] = {}
+        self._thread = threading.Thread(target=self._run, name="knoxcall-reload", daemon=True)
+        self.calls = 0  # how many times on_quiet ran (tests read it)
+
+    def start(self) -> None:
+        self._update_watches()
+        self._observer.start()
+        self._thread.start()
+
+    def stop(self, timeout: float = 10) -> None:
+        """Stop both threads and wait for them: nothing outlives the proxy."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._observer.is_alive():
+            self._observer.stop()
+            self._observer.join(timeout)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._observer.is_alive() or self._thread.is_alive()
+
+    @property
+    def watched(self) -> list[Path]:
+        return sorted(self._watches)
+
+    def poke(self) -> None:
+        """Note an event; the call follows when events have been quiet for a while."""
+        with self._cond:
+            now = time.monotonic()
+            if self._first_event is None:
+                self._first_event = now
+            self._last_event = now
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and self._first_event is None:
+                    self._cond.wait()
+                while not self._stopping and self._first_event is not None:
+                    due = min(self._last_event + self._debounce, self._first_event + self._max_delay)
+                    remaining = due - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                if self._stopping:
+                    return
+                self._first_event = None
+            self.calls += 1
+            try:
+                self._on_quiet()
+            except Exception:
+                logger.exception("knoxcall: error in the config watcher; the config in force is unchanged")
+            self._update_watches()
+
+    def _update_watches(self) -> None:
+        """Watch the folder and the folders its symlinks point into (they change on a swap)."""
+        wanted = watch_dirs(self.folder)
+        for path in set(self._watches) - wanted:
+            watch = self._watches.pop(path)
+            with contextlib.suppress(Exception):  # the folder is gone, and so is its watch
+                self._observer.unschedule(watch)  # type: ignore[arg-type]
+        for path in sorted(wanted - set(self._watches)):
+            try:
+                self._watches[path] = self._observer.schedule(
+                    self._handler, str(path), recursive=False, event_filter=WATCHED_EVENTS
+                )
+            except OSError as e:
+                if path == self.folder:
+                    logger.warning(f"knoxcall: cannot watch {path}: {e}; use knoxcall.reload after edits")
+
+
+Status = Literal["loaded", "unchanged", "invalid", "same_error"]
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """One load attempt, and the latest good policy read from the folder after it.
+
+    ``version`` is the content that was read; ``seconds`` the load + compile time.
+    """
+
+    status: Status
+    ticket: int
+    generation: int
+    version: str = ""
+    policy: Policy | None = None  # the latest good policy of this folder (new or not)
+    error: ConfigError | None = None
+    cleared_error: bool = False  # an earlier error is gone (files fixed or reverted)
+    seconds: float = 0.0
+
+
+class HotReload:
+    """Keeps the policy of one folder current; the addon owns the policy, this the reloads.
+
+    ``install(policy, note)`` must put the policy in force with one assignment and log
+    its line; it is only ever called on the event loop. ``current()`` returns the policy
+    in force. Loads are serialised and numbered; on the loop, only a result newer than
+    the last one applied may install, so an older read never replaces a newer one.
+    """
+
+    def __init__(
+        self,
+        install: Callable[[Policy, str], None],
+        current: Callable[[], Policy | None],
+        debounce: float = DEBOUNCE_SECONDS,
+    ) -> None:
+        self._install = install
+        self._current = current
+        self._debounce = debounce
+        self._lock = threading.Lock()  # one load at a time (watcher thread or command)
+        self._ticket = 0
+        self._applied_ticket = 0
+        self._latest: Policy | None = None  # the latest good policy read (maybe not yet installed)
+        self.generation = 0  # bumped when re-pointed: results for an old folder are dropped
+        self.folder: Path | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.watcher: FolderWatcher | None = None
+        self.failed_version = ""  # the content whose error is the last error
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.reloads = 0  # successful reloads since start
+
+    # -- lifecycle (event loop) --------------------------------------------------------
+
+    def set_folder(self, folder: str | Path, policy: Policy) -> None:
+        """The folder whose ``policy`` was just installed (at start or by the option)."""
+        with self._lock:
+            self.generation += 1
+            self.folder = Path(folder)
+            self._latest = policy
+            self._clear_error()
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """(Re)start watching ``folder``; checks once at once for edits made since the load."""
+        self.stop()
+        if self.folder is None:
+            return
+        self.loop = loop
+        generation = self.generation
+        self.watcher = FolderWatcher(self.folder, lambda: self._on_quiet(generation), self._debounce)
+        self.watcher.start()
+        self.watcher.poke()
+        logger.info(f"knoxcall: watching {', '.join(str(p) for p in self.watcher.watched)} for config changes")
+
+    def stop(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+
+    @property
+    def watching(self) -> bool:
+        return self.watcher is not None and self.watcher.is_alive()
+
+    # -- loading (any thread) ----------------------------------------------------------
+
+    def attempt(self) -> LoadResult:
+        """Read the folder; load and compile it if its content is new. Never raises ConfigError."""
+        with self._lock:
+            if self.folder is None:
+                raise RuntimeError("no config folder set")
+            self._ticket += 1
+            ticket, generation, folder, latest = self._ticket, self.generation, self.folder, self._latest
+            start = time.perf_counter()
+            try:
+                version = folder_version(folder)
+            except ConfigError as e:  # the folder itself is gone
+                version = "missing"
+                if version == self.failed_version:
+                    return LoadResult("same_error", ticket, generation, version, latest)
+                self._set_error(version, e)
+                return LoadResult("invalid", ticket, generation, version, latest, error=e)
+            if latest is not None and version == latest.version:
+                cleared = self._clear_error()
+                return LoadResult("unchanged", ticket, generation, version, latest, cleared_error=cleared)
+            if version == self.failed_version:
+                return LoadResult("same_error", ticket, generation, version, latest)
+            try:
+                policy = load_policy(folder)
+            except ConfigError as e:
+                self._set_error(version, e)
+                return LoadResult("invalid", ticket, generation, version, latest, error=e)
+            self._latest = policy
+            cleared = self._clear_error()
+            seconds = time.perf_counter() - start
+            return LoadResult("loaded", ticket, generation, policy.version, policy, None, cleared, seconds)
+
+    def _on_quiet(self, generation: int) -> None:
+        """Watcher thread: load off the loop, then hand the result to the loop."""
+        if generation != self.generation or self.loop is None:
+            return
+        result = self.attempt()
+        if result.status in ("same_error", "unchanged") and not result.cleared_error:
+            return  # nothing new: an earlier result (if any is queued) brings the latest policy
+        with contextlib.suppress(RuntimeError):  # the loop is closed: we are shutting down
+            self.loop.call_soon_threadsafe(self.apply, result)
+
+    # -- applying (event loop) ---------------------------------------------------------
+
+    def apply(self, result: LoadResult) -> str:
+        """Act on a load result on the event loop; return what happened, in words."""
+        if result.generation != self.generation:
+            return "the config folder was changed meanwhile; result ignored"
+        current = self._current()
+        serving = current.version if current else "none"
+        installed = ""
+        if result.ticket > self._applied_ticket:
+            self._applied_ticket = result.ticket
+            new = result.policy
+            if new is not None and new is not current:
+                diff = diff_configs(current.config if current else None, new.config)
+                timing = f" in {result.seconds * 1000:.0f} ms" if result.status == "loaded" else ""
+                self._install(new, f"reloaded{timing}, was {serving}: {diff.summary()}")
+                self.reloads += 1
+                installed = f"config {new.version} loaded (was {serving}): {diff.summary()}"
+                serving = new.version
+        if result.status == "invalid":
+            problems = format_problems(result.error) if result.error else "?"
+            logger.error(f"knoxcall: config in {self.folder} is invalid, still serving {serving}: {problems}")
+            return f"config invalid, still serving {serving}: {problems}"
+        if result.status == "same_error":
+            return f"files unchanged since the last error, still serving {serving}: {self.last_error}"
+        if result.cleared_error:
+            logger.info(f"knoxcall: config in {self.folder} is valid again; serving {serving}")
+        if installed:
+            return installed
+        if result.status == "loaded":
+            return f"a newer reload was applied already; serving {serving}"
+        return f"config {serving} unchanged"
+
+    def reload_now(self) -> str:
+        """The ``knoxcall.reload`` command: load on the spot (briefly blocks the loop)."""
+        if self.folder is None:
+            return "no config folder loaded"
+        return self.apply(self.attempt())
+
+    def _set_error(self, version: str, error: ConfigError) -> None:
+        self.failed_version = version
+        self.last_error = format_problems(error)
+        self.last_error_at = time.time()
+
+    def _clear_error(self) -> bool:
+        had = self.last_error is not None
+        self.failed_version = ""
+        self.last_error = None
+        self.last_error_at = None
+        return had
+
+
+def format_problems(error: ConfigError) -> str:
+    """All problems on one line (one log record), each with file and line."""
+    problems = [str(p) for p in error.problems] or [str(error)]
+    shown = problems[:MAX_PROBLEMS_LOGGED]
+    more = len(problems) - len(shown)
+    return "; ".join(shown) + (f"; (+{more} more)" if more else "")
