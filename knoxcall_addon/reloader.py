@@ -285,7 +285,10 @@ class HotReload:
         logger.info(f"knoxcall: watching {', '.join(str(p) for p in self.watcher.watched)} for config changes")
 
     def stop(self) -> None:
+        """Stop watching; results still on their way to the loop are dropped."""
         if self.watcher is not None:
+            with self._lock:
+                self.generation += 1
             self.watcher.stop()
             self.watcher = None
 
