@@ -48,6 +48,8 @@ logger = logging.getLogger("knoxcall")
 
 DEBOUNCE_SECONDS = 0.25  # quiet time after the last event before a reload
 MAX_DELAY_SECONDS = 2.0  # a reload happens at most this long after a burst started
+OPEN_WAIT_SECONDS = 2.0  # a file still open for writing: wait this long for more events
+MAX_OPEN_DELAY_SECONDS = 10.0  # ... but read it at the latest this long after the burst started
 MAX_PROBLEMS_LOGGED = 10
 
 # Events that may mean new content. Opening and reading (ours included) are not among
@@ -80,13 +82,15 @@ def timed_load(folder: str | Path) -> TimedLoad:
 
 
 def watch_dirs(folder: Path) -> set[Path]:
-    """The folder, and every folder that one of its YAML symlinks points into.
+    """The folder (resolved), and every folder that one of its YAML symlinks points into.
 
     A ConfigMap's ``x.yaml`` is a symlink to ``..data/x.yaml`` and ``..data`` a symlink
     to ``..2026_...``: its swap is seen in the folder itself, an edit behind a symlink
-    (or in a file linked from elsewhere) only in the target's folder.
+    (or in a file linked from elsewhere) only in the target's folder. Resolved, so that
+    a folder that is itself a symlink (``/srv/knoxcall/current -> release-2``) is
+    watched where its files are, and re-pointed when the link is swapped.
     """
-    dirs = {folder}
+    dirs = {folder.resolve()}
     try:
         entries = list(folder.iterdir())
     except OSError:
@@ -102,12 +106,22 @@ def watch_dirs(folder: Path) -> set[Path]:
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, poke: Callable[[], None]) -> None:
-        self._poke = poke
+    """Passes events on; with ``only_name``, only those about that name (the folder in its parent)."""
+
+    def __init__(self, note: Callable[[FileSystemEvent], None], only_name: str | None = None) -> None:
+        self._note = note
+        self._only_name = only_name
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if isinstance(event, _WATCHED_TYPES):
-            self._poke()
+        if not isinstance(event, _WATCHED_TYPES):
+            return
+        if self._only_name is not None:
+            names = {os.path.basename(os.fsdecode(event.src_path))}
+            if getattr(event, "dest_path", ""):
+                names.add(os.path.basename(os.fsdecode(event.dest_path)))
+            if self._only_name not in names:
+                return
+        self._note(event)
 
 
 class FolderWatcher:
@@ -116,6 +130,11 @@ class FolderWatcher:
     The call comes ``debounce`` seconds after the last event of a burst, or at the
     latest ``max_delay`` after its first, so that a tool writing without pause cannot
     hold reloads back forever. Events that arrive during a call make one more call.
+
+    A file that was written to and not yet closed is being written: the call then
+    waits for its close (at most ``open_wait`` of silence, ``max_open_delay`` in all),
+    so that a slow writer's half-written file is not read, let alone put in force
+    when its first half happens to be valid YAML.
     """
 
     def __init__(
@@ -124,20 +143,28 @@ class FolderWatcher:
         on_quiet: Callable[[], None],
         debounce: float = DEBOUNCE_SECONDS,
         max_delay: float = MAX_DELAY_SECONDS,
+        open_wait: float = OPEN_WAIT_SECONDS,
+        max_open_delay: float = MAX_OPEN_DELAY_SECONDS,
     ) -> None:
         self.folder = Path(os.path.abspath(folder))
         self._on_quiet = on_quiet
         self._debounce = debounce
         self._max_delay = max_delay
+        self._open_wait = open_wait
+        self._max_open_delay = max_open_delay
         self._cond = threading.Condition()
         self._first_event: float | None = None
         self._last_event = 0.0
+        self._writing: set[str] = set()  # files modified and not yet closed
         self._stopping = False
         self._observer = Observer()
         self._observer.name = "knoxcall-watchdog"
         self._observer.daemon = True
-        self._handler = _Handler(self.poke)
-        self._watches: dict[Path, object] = {}
+        self._handler = _Handler(self.note)
+        self._parent_handler = _Handler(self.note, only_name=self.folder.name)
+        # dir -> (watch, (dev, inode) when scheduled, handler)
+        self._watches: dict[Path, tuple[object, tuple[int, int] | None, _Handler]] = {}
+        self._warned: set[Path] = set()
         self._thread = threading.Thread(target=self._run, name="knoxcall-reload", daemon=True)
         self.calls = 0  # how many times on_quiet ran (tests read it)
 
@@ -162,7 +189,19 @@ class FolderWatcher:
 
     @property
     def watched(self) -> list[Path]:
-        return sorted(self._watches)
+        """The folders whose files are read (not the parent watched for the folder's replacement)."""
+        return sorted(path for path, (_, _, handler) in self._watches.items() if handler is self._handler)
+
+    def note(self, event: FileSystemEvent) -> None:
+        """An event from watchdog's thread: track files being written, then poke."""
+        src = os.fsdecode(event.src_path)
+        with self._cond:
+            if isinstance(event, FileModifiedEvent) and _is_config_name(src):
+                # Only config files: an editor keeps its swap file open while you type.
+                self._writing.add(src)
+            elif isinstance(event, (FileClosedEvent, FileDeletedEvent, FileMovedEvent)):
+                self._writing.discard(src)
+        self.poke()
 
     def poke(self) -> None:
         """Note an event; the call follows when events have been quiet for a while."""
@@ -173,20 +212,30 @@ class FolderWatcher:
             self._last_event = now
             self._cond.notify_all()
 
+    def _due(self) -> float:
+        assert self._first_event is not None
+        if self._writing:
+            return min(self._last_event + self._open_wait, self._first_event + self._max_open_delay)
+        return min(self._last_event + self._debounce, self._first_event + self._max_delay)
+
     def _run(self) -> None:
         while True:
             with self._cond:
                 while not self._stopping and self._first_event is None:
                     self._cond.wait()
                 while not self._stopping and self._first_event is not None:
-                    due = min(self._last_event + self._debounce, self._first_event + self._max_delay)
-                    remaining = due - time.monotonic()
+                    remaining = self._due() - time.monotonic()
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
                 if self._stopping:
                     return
+                if self._writing:
+                    logger.warning(
+                        f"knoxcall: {', '.join(sorted(self._writing))} still open for writing; reading it anyway"
+                    )
                 self._first_event = None
+                self._writing.clear()
             self.calls += 1
             try:
                 self._on_quiet()
@@ -195,20 +244,45 @@ class FolderWatcher:
             self._update_watches()
 
     def _update_watches(self) -> None:
-        """Watch the folder and the folders its symlinks point into (they change on a swap)."""
-        wanted = watch_dirs(self.folder)
-        for path in set(self._watches) - wanted:
-            watch = self._watches.pop(path)
-            with contextlib.suppress(Exception):  # the folder is gone, and so is its watch
-                self._observer.unschedule(watch)  # type: ignore[arg-type]
-        for path in sorted(wanted - set(self._watches)):
+        """Watch the folder, the folders its symlinks point into (they change on a swap),
+        and the folder's parent for the folder itself being replaced or re-linked."""
+        wanted: dict[Path, _Handler] = {d: self._handler for d in watch_dirs(self.folder)}
+        parent = self.folder.parent
+        if parent not in wanted and parent != self.folder:
+            wanted[parent] = self._parent_handler
+        for path, (watch, identity, _) in list(self._watches.items()):
+            # A folder deleted and created again (or moved away and another moved in)
+            # has a new inode and needs a new watch: the old one died with the old folder.
+            if path not in wanted or _identity(path) != identity:
+                del self._watches[path]
+                with contextlib.suppress(Exception):  # the folder is gone, and so is its watch
+                    self._observer.unschedule(watch)  # type: ignore[arg-type]
+        for path, handler in sorted(wanted.items()):
+            if path in self._watches:
+                continue
             try:
-                self._watches[path] = self._observer.schedule(
-                    self._handler, str(path), recursive=False, event_filter=WATCHED_EVENTS
-                )
+                watch = self._observer.schedule(handler, str(path), recursive=False, event_filter=WATCHED_EVENTS)
             except OSError as e:
-                if path == self.folder:
+                if path not in self._warned and handler is self._handler:
+                    self._warned.add(path)
                     logger.warning(f"knoxcall: cannot watch {path}: {e}; use knoxcall.reload after edits")
+                continue
+            self._warned.discard(path)
+            self._watches[path] = (watch, _identity(path), handler)
+
+
+def _is_config_name(path: str) -> bool:
+    """Named like a file that config_files() reads (not hidden, .yaml/.yml)."""
+    name = os.path.basename(path)
+    return not name.startswith(".") and name.endswith(YAML_SUFFIXES)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 Status = Literal["loaded", "unchanged", "invalid", "same_error"]

@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,93 @@ def test_a_burst_of_file_writes_gives_one_call(tmp_path):
     finally:
         watcher.stop()
     assert not watcher.is_alive()
+
+
+def calls_recorder(folder: Path) -> tuple[list[str], Callable[[], None]]:
+    seen: list[str] = []
+
+    def record() -> None:
+        seen.append(folder_version(folder))
+
+    return seen, record
+
+
+def test_a_file_still_open_for_writing_is_not_read_half_written(tmp_path):
+    """A slow writer pausing mid-file: the reload waits for the close, then reads it whole."""
+    folder = write_config(tmp_path / "cfg")
+    seen, record = calls_recorder(folder)
+    watcher = FolderWatcher(folder, record, debounce=0.2, open_wait=30, max_open_delay=60)
+    watcher.start()
+    try:
+        text = CLIENTS.format(ip="192.0.2.9", assigned="lab")
+        with open(folder / "clients.yaml", "w") as f:
+            f.write(text[:40])  # valid YAML on its own: "clients:\n  - name: office\n    ip_..."
+            f.flush()
+            time.sleep(1.0)  # far longer than the debounce
+            assert seen == []
+            f.write(text[40:])
+        assert wait_until(lambda: len(seen) == 1)
+        assert seen[0] == folder_version(folder)
+        assert (folder / "clients.yaml").read_text() == text
+    finally:
+        watcher.stop()
+
+
+def test_an_open_editor_swap_file_does_not_hold_reloads_back(tmp_path):
+    """vim keeps .clients.yaml.swp open and written while you edit: not a config file being written."""
+    folder = write_config(tmp_path / "cfg")
+    seen, record = calls_recorder(folder)
+    watcher = FolderWatcher(folder, record, debounce=0.2, open_wait=60, max_open_delay=120)
+    watcher.start()
+    try:
+        with open(folder / ".clients.yaml.swp", "w") as swap:
+            swap.write("swap")
+            swap.flush()
+            (folder / "clients.yaml").write_text(CLIENTS.format(ip="192.0.2.9", assigned="lab"))
+            assert wait_until(lambda: seen == [folder_version(folder)])
+    finally:
+        watcher.stop()
+
+
+def test_a_replaced_folder_is_watched_again(tmp_path):
+    """rm -rf + recreate, or mv new into place: the new folder's edits are seen too."""
+    folder = write_config(tmp_path / "cfg")
+    seen, record = calls_recorder(folder)
+    watcher = FolderWatcher(folder, record, debounce=0.2)
+    watcher.start()
+    try:
+        os.rename(folder, tmp_path / "cfg.old")
+        write_config(tmp_path / "cfg.new", assigned="lab")
+        os.rename(tmp_path / "cfg.new", folder)
+        assert wait_until(lambda: seen and seen[-1] == folder_version(folder))
+        count = len(seen)
+        (folder / "clients.yaml").write_text(CLIENTS.format(ip="192.0.2.9", assigned="office"))
+        assert wait_until(lambda: len(seen) > count and seen[-1] == folder_version(folder))
+        assert watcher.watched == [folder.resolve()]
+    finally:
+        watcher.stop()
+
+
+def test_a_swapped_folder_symlink_is_followed(tmp_path):
+    """knoxcall_config=/srv/knoxcall/current, current -> release-N swapped like `ln -sfn`."""
+    write_config(tmp_path / "release-1")
+    write_config(tmp_path / "release-2", assigned="lab")
+    current = tmp_path / "current"
+    os.symlink("release-1", current)
+    seen, record = calls_recorder(current)
+    watcher = FolderWatcher(current, record, debounce=0.2)
+    watcher.start()
+    try:
+        assert watcher.watched == [(tmp_path / "release-1").resolve()]
+        os.symlink("release-2", tmp_path / "current.tmp")
+        os.replace(tmp_path / "current.tmp", current)
+        assert wait_until(lambda: seen and seen[-1] == folder_version(tmp_path / "release-2"))
+        assert wait_until(lambda: watcher.watched == [(tmp_path / "release-2").resolve()])
+        count = len(seen)
+        (tmp_path / "release-2" / "clients.yaml").write_text(CLIENTS.format(ip="192.0.2.9", assigned="office"))
+        assert wait_until(lambda: len(seen) > count and seen[-1] == folder_version(current))
+    finally:
+        watcher.stop()
 
 
 def test_watch_dirs_follow_configmap_symlinks(tmp_path):
