@@ -148,9 +148,15 @@ class KnoxCall:
         self._start_watcher()
 
     def _start_watcher(self) -> None:
-        self.reload.stop()
-        if self._reload_enabled:
-            self.reload.start(asyncio.get_running_loop())
+        try:
+            self.reload.stop()
+            if self._reload_enabled:
+                self.reload.start(asyncio.get_running_loop())
+        except Exception:
+            # WARNING, not ERROR: at startup an ERROR makes mitmproxy exit; the policy
+            # in force is fine, only edits need knoxcall.reload now.
+            logger.warning("knoxcall: cannot watch the config folder; use knoxcall.reload after edits", exc_info=True)
+            self.reload.stop()
 
     @command.command("knoxcall.reload")
     def reload_command(self) -> str:
@@ -165,7 +171,7 @@ class KnoxCall:
     @command.command("knoxcall.status")
     def status_command(self) -> str:
         """Config folder, version, counts, hot reload state and the last reload error."""
-        lines = status_lines(self.current, self.reload)
+        lines = status_lines(self.current, self.reload, self._reload_enabled)
         monitor = ctx.master.addons.get("connectivitymonitor")
         monitor_lines = getattr(monitor, "status_lines", None)
         if callable(monitor_lines):
@@ -177,7 +183,10 @@ class KnoxCall:
 
     def done(self) -> None:
         self._running = False
-        self.reload.stop()
+        try:
+            self.reload.stop()
+        except Exception:
+            logger.warning("knoxcall: stopping the config watcher failed", exc_info=True)
         if self.access_log:
             self.access_log.close()
             self.access_log = None
@@ -375,14 +384,18 @@ class KnoxCall:
             logger.exception("knoxcall: cannot write the access log")
 
 
-def status_lines(current: LoadedPolicy | None, reload: HotReload) -> list[str]:
+def status_lines(current: LoadedPolicy | None, reload: HotReload, enabled: bool = True) -> list[str]:
     """What ``knoxcall.status`` says about the config, one fact per line."""
     if current is None:
         return ["knoxcall: no config loaded (every request is denied)"]
     policy, config = current.policy, current.policy.config
     age = max(0, round(time.time() - current.loaded_at))
-    if reload.watching and reload.watcher is not None:
+    if reload.watching and reload.watcher is not None and reload.watcher.watched:
         watching = "on, watching " + ", ".join(str(p) for p in reload.watcher.watched)
+    elif reload.watching:
+        watching = "on, but the folder cannot be watched (see the event log); use knoxcall.reload after edits"
+    elif enabled:
+        watching = "off: the watcher could not start (see the event log); use knoxcall.reload after edits"
     else:
         watching = "off (knoxcall_reload=false); use knoxcall.reload after edits"
     lines = [

@@ -169,8 +169,10 @@ class FolderWatcher:
         self.calls = 0  # how many times on_quiet ran (tests read it)
 
     def start(self) -> None:
-        self._update_watches()
+        """Start the observer, then add the watches: one that fails (e.g. the inotify
+        instance limit) is a warning, never an exception in a mitmproxy hook."""
         self._observer.start()
+        self._update_watches()
         self._thread.start()
 
     def stop(self, timeout: float = 10) -> None:
@@ -356,7 +358,8 @@ class HotReload:
         self.watcher = FolderWatcher(self.folder, lambda: self._on_quiet(generation), self._debounce)
         self.watcher.start()
         self.watcher.poke()
-        logger.info(f"knoxcall: watching {', '.join(str(p) for p in self.watcher.watched)} for config changes")
+        if self.watcher.watched:
+            logger.info(f"knoxcall: watching {', '.join(str(p) for p in self.watcher.watched)} for config changes")
 
     def stop(self) -> None:
         """Stop watching; results still on their way to the loop are dropped."""

@@ -403,3 +403,32 @@ def test_status_and_reload_commands(tmp_path):
 
         tctx.master.addons.add(ConnectivityMonitor())
         assert "monitor: office 192.0.2.9 up" in tctx.master.commands.execute("knoxcall.status")
+
+
+def test_a_folder_that_cannot_be_watched_is_a_warning_not_a_failure(tmp_path, monkeypatch, caplog):
+    """E.g. the per-user inotify instance limit: keep serving, say so, reload on command."""
+    from watchdog.observers import Observer
+
+    def no_inotify(*args, **kwargs):
+        raise OSError(24, "inotify instance limit reached")
+
+    monkeypatch.setattr(Observer, "schedule", no_inotify)
+    folder = write_config(tmp_path / "cfg")
+
+    async def scenario() -> None:
+        addon = KnoxCall()
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, knoxcall_config=str(folder))
+            with caplog.at_level(logging.INFO, logger="knoxcall"):
+                addon.running()
+            assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+            assert any("cannot watch" in r.getMessage() for r in caplog.records)
+            status = tctx.master.commands.execute("knoxcall.status")
+            assert "the folder cannot be watched" in status
+            (folder / "clients.yaml").write_text(CLIENTS.format(ip="192.0.2.9", assigned="lab"))
+            assert "loaded" in tctx.master.commands.execute("knoxcall.reload")
+            assert addon.current.policy.version == folder_version(folder)
+            addon.done()
+
+    asyncio.run(scenario())
+    assert wait_until(lambda: not knoxcall_threads(), timeout=5), knoxcall_threads()
