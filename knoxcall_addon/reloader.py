@@ -40,7 +40,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from knoxcall_addon.configdiff import diff_configs
-from knoxcall_addon.model import ConfigError
+from knoxcall_addon.model import ConfigError, Location, Problem
 from knoxcall_addon.policy import Policy, load_policy
 from knoxcall_addon.yamlsource import YAML_SUFFIXES, folder_version
 
@@ -385,8 +385,9 @@ class HotReload:
             start = time.perf_counter()
             try:
                 version = folder_version(folder)
-            except ConfigError as e:  # the folder itself is gone
-                version = "missing"
+            except (ConfigError, OSError) as e:  # the folder itself is gone or unreadable
+                e = _as_config_error(folder, e)
+                version = "unreadable"
                 if version == self.failed_version:
                     return LoadResult("same_error", ticket, generation, version, latest)
                 self._set_error(version, e)
@@ -398,7 +399,8 @@ class HotReload:
                 return LoadResult("same_error", ticket, generation, version, latest)
             try:
                 policy = load_policy(folder)
-            except ConfigError as e:
+            except Exception as e:  # ConfigError, or anything unexpected: never a half policy
+                e = _as_config_error(folder, e)
                 self._set_error(version, e)
                 return LoadResult("invalid", ticket, generation, version, latest, error=e)
             self._latest = policy
@@ -466,6 +468,13 @@ class HotReload:
         self.last_error = None
         self.last_error_at = None
         return had
+
+
+def _as_config_error(folder: Path, error: Exception) -> ConfigError:
+    if isinstance(error, ConfigError):
+        return error
+    logger.warning(f"knoxcall: unexpected error while loading {folder}", exc_info=error)
+    return ConfigError([Problem(Location(str(folder), 0), f"cannot load: {type(error).__name__}: {error}")])
 
 
 def format_problems(error: ConfigError) -> str:

@@ -432,3 +432,31 @@ def test_a_folder_that_cannot_be_watched_is_a_warning_not_a_failure(tmp_path, mo
 
     asyncio.run(scenario())
     assert wait_until(lambda: not knoxcall_threads(), timeout=5), knoxcall_threads()
+
+
+def test_a_deleted_folder_or_an_unexpected_error_keeps_the_policy(tmp_path, monkeypatch):
+    import shutil
+
+    from knoxcall_addon import reloader
+
+    folder = write_config(tmp_path / "cfg")
+    good = load_policy(folder)
+    holder = Installed(good)
+    hot = HotReload(holder.install, lambda: holder.policy)
+    hot.set_folder(folder, good)
+
+    shutil.rmtree(folder)
+    assert "config folder does not exist" in hot.reload_now()
+    assert holder.policy is good
+    write_config(folder)  # the same files again
+    assert hot.reload_now() == f"config {good.version} unchanged"
+    assert hot.last_error is None
+
+    def broken(folder):
+        raise RuntimeError("bug in the loader")
+
+    monkeypatch.setattr(reloader, "load_policy", broken)
+    (folder / "clients.yaml").write_text(CLIENTS.format(ip="192.0.2.9", assigned="lab"))
+    answer = hot.reload_now()
+    assert "cannot load: RuntimeError: bug in the loader" in answer
+    assert holder.policy is good and holder.notes == []
