@@ -280,3 +280,50 @@ def test_reload_under_load_every_request_matches_its_config_version(tmp_path, up
         assert len(connections_from(proxy, CALLER)) == 1  # one keep-alive connection throughout
     finally:
         proxy.stop()
+
+
+def test_commands_from_mitmweb_command_bar(tmp_path, upstream):
+    """knoxcall.status and knoxcall.reload through mitmweb's command API (what its command bar calls)."""
+    from tests.harness import free_port
+
+    folder = tmp_path / "config"
+    folder.mkdir()
+    (folder / "base.yaml").write_text(BASE)
+    (folder / "clients.yaml").write_text(ALLOWED)
+    web_port = free_port()
+    web = MitmDump(
+        folder,
+        mode=f"reverse:{upstream.url}",
+        tool="mitmweb",
+        extra=["--set", f"web_port={web_port}", "--set", "web_host=127.0.0.1",
+               "--set", "web_open_browser=false", "--set", "web_password=test-only",
+               "--set", "knoxcall_reload=false"],  # only the commands reload: no race with the watcher
+    )  # fmt: skip
+    with web:
+        token = "0123456789abcdef"  # tornado's XSRF check: the cookie and the header must match
+        api = httpx.Client(
+            base_url=f"http://127.0.0.1:{web_port}",
+            headers={"Authorization": "Bearer test-only", "X-XSRFToken": token},
+            cookies={"_mitmproxy_xsrf": token},
+            timeout=10,
+        )
+        with api:
+
+            def run(command: str) -> str:
+                response = api.post(f"/commands/{command}", json={"arguments": []})
+                assert response.status_code == 200, response.text
+                return response.json()["value"]
+
+            status = run("knoxcall.status")
+            assert f"config folder {folder}" in status
+            assert "hot reload: off (knoxcall_reload=false)" in status
+            assert "last reload error: none" in status
+
+            write_in_place(folder, "clients.yaml", INVALID["bad_cidr"][0])
+            answer = run("knoxcall.reload")
+            assert "config invalid, still serving" in answer and "clients.yaml:3:" in answer
+            assert "clients.yaml:3:" in run("knoxcall.status")
+
+            write_in_place(folder, "clients.yaml", REFUSED)
+            answer = run("knoxcall.reload")
+            assert "loaded" in answer and "assignments ~api/production(-office)" in answer
