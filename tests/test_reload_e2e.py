@@ -168,6 +168,7 @@ def test_edit_takes_effect_on_the_open_keep_alive_connection(how, tmp_path, upst
         refused_versions = {r["config_version"] for r in records if r["decision"] == "denied"}
         assert len(refused_versions) == 1
         assert records[0]["config_version"] == records[-1]["config_version"] not in refused_versions
+        assert proxy.stop() == 0  # SIGTERM with the watcher running: a clean exit (done stops it)
     finally:
         proxy.stop()
 
