@@ -29,11 +29,16 @@ class SectionChanges:
     def __bool__(self) -> bool:
         return bool(self.added or self.removed or self.changed)
 
-    def summary(self) -> str:
+    def summary(self, limit: int = 0) -> str:
+        """``+added -removed ~changed(detail)``; with ``limit``, at most that many names."""
         parts = [f"+{n}" for n in self.added] + [f"-{n}" for n in self.removed]
         parts += [f"~{n}({detail})" if detail else f"~{n}" for n, detail in self.changed]
+        if limit and len(parts) > limit:
+            parts = [*parts[:limit], f"(and {len(parts) - limit} more)"]
         return " ".join(parts)
 
+
+SUMMARY_LIMIT = 25  # names per section in a summary line
 
 SECTIONS = ("settings", "environments", "clients", "routes", "assignments", "api_keys")
 
@@ -50,11 +55,15 @@ class ConfigDiff:
     def get(self, section: str) -> SectionChanges:
         return dict(self.sections).get(section, SectionChanges())
 
-    def summary(self) -> str:
-        """One line, e.g. ``clients +lab -office; assignments ~api/production(+lab -office)``."""
+    def summary(self, limit: int = SUMMARY_LIMIT) -> str:
+        """One line, e.g. ``clients +lab -office; assignments ~api/production(+lab -office)``.
+
+        At most ``limit`` names per section (0: all), so that a bulk change still gives
+        a readable log line; the counts say how much more changed.
+        """
         if not self.sections:
             return "no change in meaning (comments, formatting or order only)"
-        return "; ".join(f"{name} {changes.summary()}" for name, changes in self.sections)
+        return "; ".join(f"{name} {changes.summary(limit)}" for name, changes in self.sections)
 
 
 def diff_configs(old: Config | None, new: Config) -> ConfigDiff:

@@ -80,3 +80,13 @@ def test_reordered_assignment_is_reported(tmp_path):
     new["assignments"]["api"]["production"] = ["vpn", "office"]
     diff = diff_configs(config_of(tmp_path, "old", BASE), config_of(tmp_path, "new", new))
     assert diff.get("assignments").changed == (("api/production", "order"),)
+
+
+def test_a_bulk_change_gives_a_bounded_line(tmp_path):
+    old = yaml.safe_load(yaml.safe_dump(BASE))
+    new = yaml.safe_load(yaml.safe_dump(BASE))
+    new["clients"] += [{"name": f"c{i:03d}", "ip_address": f"10.0.{i}.0/24"} for i in range(100)]
+    diff = diff_configs(config_of(tmp_path, "old", old), config_of(tmp_path, "new", new))
+    assert len(diff.get("clients").added) == 100
+    assert diff.summary(limit=3) == "clients +c000 +c001 +c002 (and 97 more)"
+    assert diff.summary(limit=0).count("+c") == 100

@@ -460,3 +460,31 @@ def test_a_deleted_folder_or_an_unexpected_error_keeps_the_policy(tmp_path, monk
     answer = hot.reload_now()
     assert "cannot load: RuntimeError: bug in the loader" in answer
     assert holder.policy is good and holder.notes == []
+
+
+def test_the_diff_is_computed_off_the_loop(tmp_path, monkeypatch):
+    """Diffing a large config takes long: the watcher thread does it, apply only installs."""
+    from knoxcall_addon import configdiff, reloader
+
+    calls: list[str] = []
+
+    def recording_diff(old, new):
+        calls.append(threading.current_thread().name)
+        return configdiff.diff_configs(old, new)
+
+    monkeypatch.setattr(reloader, "diff_configs", recording_diff)
+    folder = write_config(tmp_path / "cfg")
+    good = load_policy(folder)
+    holder = Installed(good)
+    hot = HotReload(holder.install, lambda: holder.policy)
+    hot.set_folder(folder, good)
+    (folder / "clients.yaml").write_text(CLIENTS.format(ip="192.0.2.9", assigned="lab"))
+    results = []
+    worker = threading.Thread(target=lambda: results.append(hot.attempt()), name="knoxcall-reload")
+    worker.start()
+    worker.join()
+    calls_before_apply = list(calls)
+    message = hot.apply(results[0])
+    assert calls_before_apply == ["knoxcall-reload"]
+    assert calls == calls_before_apply  # nothing recomputed on the loop
+    assert "assignments ~api/production(-office)" in message
