@@ -51,6 +51,7 @@ MAX_DELAY_SECONDS = 2.0  # a reload happens at most this long after a burst star
 OPEN_WAIT_SECONDS = 2.0  # a file still open for writing: wait this long for more events
 MAX_OPEN_DELAY_SECONDS = 10.0  # ... but read it at the latest this long after the burst started
 MAX_PROBLEMS_LOGGED = 10
+COMMAND_WAIT_SECONDS = 2.0  # knoxcall.reload blocks the event loop at most this long
 
 # Events that may mean new content. Opening and reading (ours included) are not among
 # them, so that loading the files never triggers another load.
@@ -243,11 +244,17 @@ class FolderWatcher:
                 self._on_quiet()
             except Exception:
                 logger.exception("knoxcall: error in the config watcher; the config in force is unchanged")
-            self._update_watches()
+            if self._update_watches():
+                # A new watch (a swapped or re-created folder) cannot have seen what was
+                # written between the load and now: look once more.
+                self.poke()
 
-    def _update_watches(self) -> None:
+    def _update_watches(self) -> bool:
         """Watch the folder, the folders its symlinks point into (they change on a swap),
-        and the folder's parent for the folder itself being replaced or re-linked."""
+        and the folder's parent for the folder itself being replaced or re-linked.
+
+        Returns whether a folder whose files are read got a new watch."""
+        added = False
         wanted: dict[Path, _Handler] = {d: self._handler for d in watch_dirs(self.folder)}
         parent = self.folder.parent
         if parent not in wanted and parent != self.folder:
@@ -271,6 +278,8 @@ class FolderWatcher:
                 continue
             self._warned.discard(path)
             self._watches[path] = (watch, _identity(path), handler)
+            added = added or handler is self._handler
+        return added
 
 
 def _is_config_name(path: str) -> bool:
@@ -339,6 +348,7 @@ class HotReload:
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.reloads = 0  # successful reloads since start
+        self._command_threads: list[threading.Thread] = []
 
     # -- lifecycle (event loop) --------------------------------------------------------
 
@@ -370,6 +380,9 @@ class HotReload:
                 self.generation += 1
             self.watcher.stop()
             self.watcher = None
+        for thread in self._command_threads:  # a knoxcall.reload still loading
+            thread.join(30)
+        self._command_threads = []
 
     @property
     def watching(self) -> bool:
@@ -459,11 +472,49 @@ class HotReload:
             return f"a newer reload was applied already; serving {serving}"
         return f"config {serving} unchanged"
 
-    def reload_now(self) -> str:
-        """The ``knoxcall.reload`` command: load on the spot (briefly blocks the loop)."""
+    def reload_now(self, wait: float = COMMAND_WAIT_SECONDS) -> str:
+        """The ``knoxcall.reload`` command (on the loop): load now, say what happened.
+
+        mitmproxy commands are synchronous, so the load runs in a thread and the loop
+        waits for it at most ``wait`` seconds; a larger config finishes in the
+        background, and its result is applied and logged like a watcher's.
+        """
         if self.folder is None:
             return "no config folder loaded"
-        return self.apply(self.attempt())
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called outside an event loop (a script, a test): just load
+            return self.apply(self.attempt())
+        finished = threading.Event()
+        handoff = threading.Lock()
+        box: list[LoadResult | BaseException] = []
+        abandoned = False
+
+        def work() -> None:
+            try:
+                box.append(self.attempt())
+            except BaseException as e:  # reported by the command, or logged below
+                box.append(e)
+            with handoff:
+                finished.set()
+                if abandoned and isinstance(box[0], LoadResult):
+                    with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
+                        loop.call_soon_threadsafe(self.apply, box[0])
+                elif abandoned:
+                    logger.warning("knoxcall: reload failed; the config in force is unchanged", exc_info=box[0])
+
+        thread = threading.Thread(target=work, name="knoxcall-reload-command", daemon=True)
+        self._command_threads = [t for t in self._command_threads if t.is_alive()] + [thread]
+        thread.start()
+        finished.wait(wait)
+        with handoff:
+            if not finished.is_set():
+                abandoned = True
+                return f"reload of {self.folder} still running (large config); the event log will say what changed"
+        result = box[0]
+        if isinstance(result, BaseException):
+            raise result
+        return self.apply(result)
 
     def _set_error(self, version: str, error: ConfigError) -> None:
         self.failed_version = version

@@ -488,3 +488,38 @@ def test_the_diff_is_computed_off_the_loop(tmp_path, monkeypatch):
     assert calls_before_apply == ["knoxcall-reload"]
     assert calls == calls_before_apply  # nothing recomputed on the loop
     assert "assignments ~api/production(-office)" in message
+
+
+def test_reload_command_on_a_slow_load_finishes_in_the_background(tmp_path, monkeypatch):
+    """mitmproxy commands are synchronous: the loop waits a bounded time, the rest is handed over."""
+    from knoxcall_addon import reloader
+
+    release = threading.Event()
+
+    def slow_load(folder):
+        release.wait(10)
+        return load_policy(folder)
+
+    folder = write_config(tmp_path / "cfg")
+    good = load_policy(folder)
+    holder = Installed(good)
+    hot = HotReload(holder.install, lambda: holder.policy)
+    hot.set_folder(folder, good)
+    monkeypatch.setattr(reloader, "load_policy", slow_load)
+    (folder / "clients.yaml").write_text(CLIENTS.format(ip="192.0.2.9", assigned="lab"))
+
+    async def scenario() -> None:
+        answer = hot.reload_now(wait=0.05)
+        assert "still running" in answer
+        assert holder.policy is good
+        release.set()
+        for _ in range(500):
+            if holder.policy is not good:
+                break
+            await asyncio.sleep(0.02)
+        assert holder.policy.version == folder_version(folder)
+        assert "assignments ~api/production(-office)" in holder.notes[0]
+
+    asyncio.run(scenario())
+    hot.stop()
+    assert not any(t.name == "knoxcall-reload-command" for t in threading.enumerate())
