@@ -1,8 +1,9 @@
 """Hot reload: watch the config folder, load off the event loop, swap on the loop.
 
 - `FolderWatcher`: watchdog on the folder (plus the folders that its symlinked files
-  point into, for Kubernetes ConfigMaps), a debounce, and one worker thread that runs
-  a callback when the events have been quiet for a short while.
+  point into, for Kubernetes ConfigMaps, and its parent, for the folder itself being
+  replaced), a debounce that also waits for config files still open for writing, and
+  one worker thread that runs a callback when the events have been quiet for a while.
 - `HotReload`: turns a quiet period into at most one load of the folder (in the
   worker thread), and the result into one `install(policy)` call on the event loop.
   It never replaces a good policy with anything but another good one.

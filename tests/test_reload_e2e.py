@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import MitmDump, client_from
+from knoxcall_addon.yamlsource import folder_version
+from tests.harness import MitmDump, client_from, free_port
 
 CALLER = "127.0.0.9"
 ROUTE = {"x-knoxcall-route": "api"}
@@ -205,10 +207,6 @@ def test_invalid_edits_keep_the_last_good_config_and_fixing_restores_reloading(t
 
 def test_reload_under_load_every_request_matches_its_config_version(tmp_path, upstream):
     """Requests flow without pause while the config flips between two policies and invalid edits."""
-    import threading
-
-    from knoxcall_addon.yamlsource import folder_version
-
     folder = tmp_path / "config"
     folder.mkdir()
     (folder / "base.yaml").write_text(BASE)
@@ -285,8 +283,6 @@ def test_reload_under_load_every_request_matches_its_config_version(tmp_path, up
 
 def test_commands_from_mitmweb_command_bar(tmp_path, upstream):
     """knoxcall.status and knoxcall.reload through mitmweb's command API (what its command bar calls)."""
-    from tests.harness import free_port
-
     folder = tmp_path / "config"
     folder.mkdir()
     (folder / "base.yaml").write_text(BASE)
