@@ -523,3 +523,23 @@ def test_reload_command_on_a_slow_load_finishes_in_the_background(tmp_path, monk
     asyncio.run(scenario())
     hot.stop()
     assert not any(t.name == "knoxcall-reload-command" for t in threading.enumerate())
+
+
+def test_new_and_deleted_files_and_sed_in_place_are_seen(tmp_path):
+    import subprocess
+
+    folder = write_config(tmp_path / "cfg")
+    seen, record = calls_recorder(folder)
+    watcher = FolderWatcher(folder, record, debounce=0.2)
+    watcher.start()
+    try:
+        (folder / "extra.yaml").write_text("clients:\n  - name: extra\n    ip_address: 192.0.2.77\n")
+        assert wait_until(lambda: seen and seen[-1] == folder_version(folder))
+        (folder / "extra.yaml").unlink()
+        assert wait_until(lambda: seen and seen[-1] == folder_version(folder))
+        subprocess.run(["sed", "-i", "s/office, lab/lab/", str(folder / "clients.yaml")], check=True)
+        assert "[lab]" in (folder / "clients.yaml").read_text()
+        assert wait_until(lambda: seen and seen[-1] == folder_version(folder))
+        assert len(set(seen)) == 3
+    finally:
+        watcher.stop()
