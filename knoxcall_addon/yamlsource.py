@@ -129,7 +129,7 @@ def read_folder(folder: Path) -> tuple[list[SourceFile], str]:
         except OSError as e:
             problems.append(Problem(Location(str(path), 0), f"cannot read file: {e.strerror}"))
             continue
-        digest.update(path.name.encode() + b"\0" + raw + b"\0")
+        _hash_file(digest, path, raw)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -157,5 +157,10 @@ def folder_version(folder: Path) -> str:
             raw = path.read_bytes()
         except OSError:
             raw = b"\0unreadable\0"
-        digest.update(path.name.encode() + b"\0" + raw + b"\0")
+        _hash_file(digest, path, raw)
     return digest.hexdigest()[:12]
+
+
+def _hash_file(digest: Any, path: Path, raw: bytes) -> None:
+    """One file's share of the config version (shared by read_folder and folder_version)."""
+    digest.update(path.name.encode() + b"\0" + raw + b"\0")
