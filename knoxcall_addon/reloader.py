@@ -205,6 +205,8 @@ class FolderWatcher:
                 self._writing.add(src)
             elif isinstance(event, (FileClosedEvent, FileDeletedEvent, FileMovedEvent)):
                 self._writing.discard(src)
+                if isinstance(event, FileMovedEvent):  # renamed over: a new, complete file
+                    self._writing.discard(os.fsdecode(event.dest_path))
         self.poke()
 
     def poke(self) -> None:
