@@ -232,7 +232,8 @@ class KnoxCall:
         self._annotate(flow, decision, meta)
         self._pending.add(flow.id)
         if not decision.allowed:
-            if flow.request.stream or (self.streaming_bodies and _body_size_unknown(request)):
+            may_stream = flow.request.stream or (self.streaming_bodies and _body_size_unknown(request))
+            if may_stream and flow.killable:
                 # stream_large_bodies: mitmproxy streams this body (or will, once a chunked
                 # body of unknown size grows past the limit) and cannot also answer the
                 # request: it raises, and the caller hangs with no answer at all. Close
