@@ -232,13 +232,17 @@ def test_missing_config_folder_makes_mitmdump_exit(tmp_path: Path) -> None:
 # -- scripts/run with the example config ------------------------------------------------------------
 
 
-def test_scripts_run_serves_the_example_config(tmp_path: Path) -> None:
-    """scripts/run starts mitmdump (forward mode) with config/; the example routes decide."""
+@pytest.mark.parametrize("tool", ["mitmdump", "mitmweb"])
+def test_scripts_run_serves_the_example_config(tmp_path: Path, tool: str) -> None:
+    """scripts/run (and scripts/run web) starts the proxy in forward mode with config/;
+    the example routes decide."""
     port = free_port()
     log_path = tmp_path / "run.log"
+    web = ["web", "--set", "web_host=127.0.0.1", "--set", f"web_port={free_port()}",
+           "--set", "web_open_browser=false"] if tool == "mitmweb" else []  # fmt: skip
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [str(ROOT / "scripts" / "run"), "--listen-host", "127.0.0.1", "-p", str(port),
+            [str(ROOT / "scripts" / "run"), *web, "--listen-host", "127.0.0.1", "-p", str(port),
              "--set", f"confdir={tmp_path / 'conf'}"],
             stdout=log,
             stderr=subprocess.STDOUT,
