@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mitmproxy import exceptions, hooks
+from mitmproxy import exceptions, flowfilter, hooks
 from mitmproxy.http import Headers, HTTPFlow
 from mitmproxy.net.dns import response_codes as dns_response_codes
 from mitmproxy.proxy import server_hooks
@@ -710,3 +710,22 @@ def test_head_denial_has_no_body(tctx) -> None:
     assert flow.response.raw_content == b""
     assert flow.response.headers["content-type"] == "application/json"
     assert flow.response.headers["x-knoxcall-request-id"] == flow.metadata["knoxcall"]["request_id"]
+
+
+def test_mitmweb_filters_from_the_readme_find_decisions(tctx) -> None:
+    """The README tells operators to filter with ~meta and ~comment; they must match our flows."""
+    addon, _ = tctx
+    denied = make_flow(peer=("127.0.0.9", 1))
+    allowed = make_flow()
+    untouched = make_flow()
+    addon.requestheaders(denied)
+    addon.requestheaders(allowed)
+
+    def matches(expression: str) -> list[bool]:
+        match = flowfilter.parse(expression)
+        return [bool(match(f)) for f in (denied, allowed, untouched)]
+
+    assert matches("~meta knoxcall") == [True, True, False]
+    assert matches("~comment ip_not_whitelisted") == [True, False, False]
+    assert matches("~meta ip_not_whitelisted") == [True, False, False]
+    assert matches("~marked") == [True, False, False]
