@@ -49,6 +49,10 @@ class RequestFacts:
     api_key: str | None = None  # x-knoxcall-key, the secret itself
     forwarded_for: tuple[str, ...] = ()  # values of settings.client_ip_header
     api_key_name: str | None = None  # a key named in the config, for `knoxcall explain` (the secret is unknown)
+    # Other names of the destination that the request carries (Host header, TLS SNI, an
+    # absolute-form authority), ports removed: each must name ``host``, or an upstream could
+    # serve another host than the one the route was chosen for.
+    other_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -142,7 +146,11 @@ def decide(policy: Policy, facts: RequestFacts) -> Decision:
         "config_version": policy.version,
     }
 
-    # 2. route
+    # 2. route (for one host: a request that names two is refused, whatever it asks for)
+    for other in facts.other_hosts:
+        if _host_key(other) != _host_key(facts.host):
+            detail = f"the request names host {other!r} but goes to {facts.host!r}"
+            return _deny(base, "route_not_found", route=facts.route, detail=detail)
     if facts.route is not None:
         route = policy.routes.get(facts.route)
         if route is None or not route.enabled:
@@ -258,6 +266,10 @@ def internal_error(client_ip: str | None, peer_ip: str | None, detail: str, vers
         "internal_error",
         detail=detail,
     )
+
+
+def _host_key(host: str) -> str:
+    return host.strip().strip("[]").lower().rstrip(".")
 
 
 def _fits(route: Any, facts: RequestFacts) -> bool:

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from mitmproxy import command, connection, ctx, dns, exceptions, http, tcp, udp
 from mitmproxy.net.dns import response_codes as dns_response_codes
+from mitmproxy.net.http import url
 from mitmproxy.proxy import mode_specs, server_hooks
 
 from knoxcall_addon.accesslog import AccessLog, utc_timestamp
@@ -453,14 +454,26 @@ def request_facts(flow: http.HTTPFlow, policy: Policy) -> RequestFacts:
     """Read what the decision needs from the flow; the header names come from the policy."""
     request = flow.request
     headers = request.headers
-    if isinstance(flow.client_conn.proxy_mode, mode_specs.ReverseMode):
+    mode = flow.client_conn.proxy_mode
+    others: list[str] = []
+    if isinstance(mode, mode_specs.ReverseMode):
         # In reverse mode the destination is fixed by the proxy or the route, so the
         # Host the client asked for is what selects the route.
         host = request.pretty_host
+        if request.authority and not (request.is_http2 or request.is_http3):
+            # HTTP/1 absolute-form: an upstream takes the URL's host over Host.
+            others.append(request.authority)
     else:
         # Elsewhere the request goes where request.host says: match that, never a
         # Host header that could name another (open) route.
         host = request.host
+        if isinstance(mode, mode_specs.RegularMode | mode_specs.UpstreamMode):
+            # The client chose request.host (URL or CONNECT); the Host header and the TLS
+            # SNI it sends on are what a virtual-hosting upstream serves: they must agree.
+            if request.host_header:
+                others.append(request.host_header)
+            if flow.client_conn.tls and flow.client_conn.sni:
+                others.append(flow.client_conn.sni)
     return RequestFacts(
         peer=peer_host(flow),
         method=request.method,
@@ -470,7 +483,16 @@ def request_facts(flow: http.HTTPFlow, policy: Policy) -> RequestFacts:
         environment=headers.get(ENVIRONMENT_HEADER),
         api_key=headers.get(KEY_HEADER),
         forwarded_for=tuple(headers.get_all(policy.settings.client_ip_header)),
+        other_hosts=tuple(_authority_host(name) for name in others),
     )
+
+
+def _authority_host(authority: str) -> str:
+    """The host of a Host header or authority (port removed); as it is when unparsable."""
+    try:
+        return url.parse_authority(authority, check=False)[0]
+    except ValueError:
+        return authority
 
 
 def forward(flow: http.HTTPFlow, decision: Decision) -> None:

@@ -402,12 +402,39 @@ def test_target_rewrite_default_port_and_ipv6(tctx) -> None:
     assert staged.request.host_header == "[::1]:9000"
 
 
+@pytest.mark.parametrize("mode", ["regular", "upstream:http://127.0.0.1:9"])
+def test_a_request_naming_two_hosts_is_refused(tctx, mode: str) -> None:
+    """A virtual-hosting upstream serves the Host header (or the TLS SNI), not the host the
+    route was chosen for: a Host naming the open route must not reach same.example.com."""
+    addon, _ = tctx
+    for headers, sni in [([("Host", "open.example.com")], None), ([("Host", "same.example.com")], "open.example.com")]:
+        flow = make_flow(host="same.example.com", path="/", headers=headers, mode=mode)
+        if sni:
+            flow.client_conn.tls = True
+            flow.client_conn.sni = sni
+        addon.requestheaders(flow)
+        assert flow.response is not None and flow.response.status_code == 404, (headers, sni)
+        assert body(flow)["error"] == "Route not found"
+        assert "the request names host 'open.example.com' but goes to 'same.example.com'" in flow.comment
+
+
+def test_absolute_form_in_reverse_mode_must_agree_with_host(tctx) -> None:
+    """An HTTP/1 upstream takes an absolute-form URL's host over the Host header."""
+    addon, _ = tctx
+    flow = make_flow(
+        host="127.0.0.1", port=9, path="/", headers=[("Host", "open.example.com")], mode="reverse:http://127.0.0.1:9"
+    )
+    flow.request.authority = "same.example.com"
+    addon.requestheaders(flow)
+    assert flow.response is not None and flow.response.status_code == 404
+
+
 def test_route_host_in_regular_and_reverse_mode(tctx) -> None:
     """Forward mode matches where the request really goes; reverse mode the Host the client sent."""
     addon, _ = tctx
-    # forward: request.host is same.example.com; a Host header naming the open route changes nothing
+    # forward: request.host is same.example.com; the Host header (with a port) agrees
     forward = make_flow(
-        peer=("127.0.0.9", 1), host="same.example.com", path="/", headers=[("Host", "open.example.com")]
+        peer=("127.0.0.9", 1), host="same.example.com", path="/", headers=[("Host", "Same.Example.com:80")]
     )
     addon.requestheaders(forward)
     assert forward.metadata["knoxcall"]["route"] == "same-host"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import ssl
 from collections.abc import Iterator
 
 import httpx
@@ -75,7 +76,11 @@ def forward(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Forward]:
     folder.mkdir()
     (folder / "knoxcall.yaml").write_text(CONFIG)
     with Upstream("main") as upstream:
-        proxy = MitmDump(folder, access_log=root / "access.jsonl", extra=["--set", f"confdir={root / 'conf'}"])
+        proxy = MitmDump(
+            folder,
+            access_log=root / "access.jsonl",
+            extra=["--set", f"confdir={root / 'conf'}", "--set", "upstream_cert=false"],
+        )
         with proxy:
             yield Forward(proxy, upstream)
 
@@ -100,11 +105,32 @@ def test_route_chosen_by_host(forward: Forward) -> None:
     assert not [s for s in forward.upstream.seen if s["path"] in ("/v1/a", "/other")]
 
 
-def test_host_header_cannot_pick_another_route(forward: Forward) -> None:
-    """In forward mode the request goes to request.host; a Host header naming another host changes nothing."""
+def test_a_host_header_naming_another_host_is_refused(forward: Forward) -> None:
+    """The route is chosen for where the request goes (127.0.0.1); an upstream doing virtual
+    hosting would serve the Host header's site instead, so a request naming two hosts is refused."""
     r = forward.get(OFFICE, f"http://127.0.0.1:{forward.upstream.port}/v1/h", headers={"Host": "localhost"})
-    assert r.status_code == 200
-    assert record_for(forward.proxy, r.headers["x-knoxcall-request-id"])["route"] == "local"
+    assert_denial(r, 404, {"error": "Route not found", "status": 404, "route": None})
+    record = record_for(forward.proxy, r.headers["x-knoxcall-request-id"])
+    assert (record["reason"], record["host"]) == ("route_not_found", "localhost")
+    assert not [s for s in forward.upstream.seen if s["path"] == "/v1/h"]
+    # the same request with a Host that agrees (port included) is allowed
+    r = forward.get(OFFICE, f"http://127.0.0.1:{forward.upstream.port}/v1/h2")
+    assert r.status_code == 200 and r.json()["path"] == "/v1/h2"
+
+
+def test_tls_sni_naming_another_host_is_refused(forward: Forward) -> None:
+    """Inside an intercepted CONNECT tunnel, the TLS SNI must name the host the tunnel goes to."""
+    sock, head, _ = _connect(OFFICE, forward)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with context.wrap_socket(sock, server_hostname="admin.internal") as tls:
+        tls.sendall(f"GET /v1/sni HTTP/1.1\r\nHost: 127.0.0.1:{forward.upstream.port}\r\n\r\n".encode())
+        response_head, body = _read_response(tls)
+    assert response_head.startswith(b"HTTP/1.1 404"), response_head
+    assert json.loads(body)["error"] == "Route not found"
+    forward.proxy.wait_for_log("the request names host 'admin.internal' but goes to '127.0.0.1'")
 
 
 def _read_response(sock: socket.socket) -> tuple[bytes, bytes]:
