@@ -656,3 +656,14 @@ def test_decide_never_raises_and_answers_consistently(policy: Policy, facts_: Re
     # a header from an untrusted peer never changes anything
     if decision.peer_ip not in ("127.0.0.50",):
         assert decide(policy, RequestFacts(**{**facts_.__dict__, "forwarded_for": ()})) == decision
+
+
+def test_other_host_names_must_agree(policy: Policy) -> None:
+    same = decide(policy, facts(other_hosts=("API.Example.com.", "[api.example.com]")))
+    assert same.reason == "client"
+    other = decide(policy, facts(other_hosts=("api.example.com", "admin.example.com")))
+    assert (other.reason, other.status, other.body["route"]) == ("route_not_found", 404, None)
+    assert "names host 'admin.example.com' but goes to 'api.example.com'" in other.summary()
+    # refused before anything else, also with unmatched_requests: allow semantics untouched
+    named = decide(policy, facts(route="api", other_hosts=("admin.example.com",)))
+    assert (named.reason, named.body["route"]) == ("route_not_found", "api")
