@@ -664,6 +664,6 @@ def test_other_host_names_must_agree(policy: Policy) -> None:
     other = decide(policy, facts(other_hosts=("api.example.com", "admin.example.com")))
     assert (other.reason, other.status, other.body["route"]) == ("route_not_found", 404, None)
     assert "names host 'admin.example.com' but goes to 'api.example.com'" in other.summary()
-    # refused before anything else, also with unmatched_requests: allow semantics untouched
+    # a route named by header does not help
     named = decide(policy, facts(route="api", other_hosts=("admin.example.com",)))
     assert (named.reason, named.body["route"]) == ("route_not_found", "api")
