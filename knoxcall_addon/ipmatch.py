@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from bisect import bisect_right
 from collections.abc import Hashable, Iterable
+from operator import itemgetter
 
 from knoxcall_addon.model import IPAddress, IPNetwork
 
@@ -48,10 +49,13 @@ class RangeIndex[Owner: Hashable]:
         events: dict[int, list[tuple[int, int, Owner]]] = {4: [], 6: []}
         size = 0
         for network, owner in ranges:
+            # not broadcast_address: it is a cached property that would keep one more
+            # address object alive per range
             start = int(network.network_address)
-            end = int(network.broadcast_address) + 1
-            events[network.version].append((start, 1, owner))
-            events[network.version].append((end, -1, owner))
+            end = start + (1 << (network.max_prefixlen - network.prefixlen))
+            family = events[network.version]
+            family.append((start, 1, owner))
+            family.append((end, -1, owner))
             size += 1
         rank = order or {}
         self._starts: dict[int, list[int]] = {}
@@ -79,11 +83,12 @@ def _sweep[Owner: Hashable](
     events: list[tuple[int, int, Owner]], rank: dict[Owner, int]
 ) -> tuple[list[int], list[tuple[Owner, ...]]]:
     """Sweep start/end events into disjoint intervals, merging equal neighbours."""
-    events.sort(key=lambda e: e[0])
+    events.sort(key=itemgetter(0))
     active: dict[Owner, int] = {}
     interned: dict[tuple[Owner, ...], tuple[Owner, ...]] = {(): ()}
     starts: list[int] = []
     owners: list[tuple[Owner, ...]] = []
+    rank_of = rank.get
     i = 0
     n = len(events)
     while i < n:
@@ -96,7 +101,12 @@ def _sweep[Owner: Hashable](
             else:
                 del active[owner]
             i += 1
-        covering = tuple(sorted(active, key=lambda o: rank.get(o, 0))) if active else ()
+        if not active:
+            covering = ()
+        elif len(active) == 1:
+            covering = tuple(active)
+        else:
+            covering = tuple(sorted(active, key=lambda o: rank_of(o, 0)))
         covering = interned.setdefault(covering, covering)
         if owners and owners[-1] is covering:
             continue
