@@ -40,7 +40,7 @@ from knoxcall_addon.decision import RequestFacts, decide
 from knoxcall_addon.policy import Policy, load_policy
 
 ROOT = Path(__file__).resolve().parent.parent
-ADDON = ROOT / "knoxcall_addon" / "addon.py"
+ADDON = Path(os.environ.get("KC_ADDON", ROOT / "knoxcall_addon" / "addon.py"))
 BIN = Path(sys.executable).parent
 SECTIONS = ("micro", "e2e", "load", "reload")
 # the same for bare and addon runs: reverse mode, lazy upstream connections, quiet terminal
@@ -78,6 +78,12 @@ def vm_rss_kib(pid: int) -> int | None:
     except OSError:
         return None
     return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU time of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_port(port: int, process: subprocess.Popen, timeout: float = 60) -> None:
@@ -318,7 +324,13 @@ def bench_e2e(large: Generated, work: Path, quick: bool, connections: int, rss: 
                 if i % 2:
                     order.reverse()
                 for name, port in order:
-                    runs[name].append(run_load(port, connections, duration))
+                    pid = bare_pid if name == "bare" else addon_pid
+                    cpu = cpu_seconds(pid)
+                    run = run_load(port, connections, duration)
+                    # CPU time per request is far less sensitive to other load on the machine
+                    # than requests/s: it counts what mitmdump spent, not what it got
+                    run["cpu_us_per_request"] = (cpu_seconds(pid) - cpu) * 1e6 / max(1, run["total_requests"])
+                    runs[name].append(run)
             rss["bare_after_load_kib"] = vm_rss_kib(bare_pid)
             rss["addon_after_load_kib"] = vm_rss_kib(addon_pid)
     for name, rs in runs.items():
@@ -328,12 +340,16 @@ def bench_e2e(large: Generated, work: Path, quick: bool, connections: int, rss: 
             "p50_ms": round(statistics.median(r["p50_ms"] for r in rs), 3),
             "p99_ms": round(statistics.median(r["p99_ms"] for r in rs), 3),
             "errors": sum(r["error_count"] for r in rs),
+            "cpu_us_per_request": round(statistics.median(r["cpu_us_per_request"] for r in rs), 1),
         }
     # each round's pair is measured back to back: the median of the per-round ratios
     # cancels most of the drift caused by other load on the machine
     ratios = [a["rps"] / b["rps"] for a, b in zip(runs["addon"], runs["bare"], strict=True) if b["rps"]]
     result["throughput_ratio_per_round"] = [round(r, 3) for r in ratios]
     result["throughput_ratio"] = round(statistics.median(ratios), 3) if ratios else None
+    bare_cpu, addon_cpu = result["bare"]["cpu_us_per_request"], result["addon"]["cpu_us_per_request"]
+    result["cpu_ratio"] = round(bare_cpu / addon_cpu, 3) if addon_cpu else None
+    result["addon_cpu_us_per_request"] = round(addon_cpu - bare_cpu, 1)
     return result
 
 
@@ -438,9 +454,15 @@ def print_table(report: dict[str, Any]) -> None:
         )
         for name in ("bare", "addon"):
             r = e[name]
-            print(f"{'mitmdump ' + name:<24} {r['rps']:>9} req/s  p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms"
-                  f"  rounds {r['rps_per_round']}  errors {r['errors']}")  # fmt: skip
+            print(
+                f"{'mitmdump ' + name:<24} {r['rps']:>9} req/s  p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms"
+                f"  CPU {r['cpu_us_per_request']} µs/req  rounds {r['rps_per_round']}  errors {r['errors']}"
+            )
         print(f"addon/bare throughput: {e['throughput_ratio']} (per round {e['throughput_ratio_per_round']})")
+        print(
+            f"bare/addon CPU per request: {e['cpu_ratio']} (the addon costs {e['addon_cpu_us_per_request']} µs "
+            "of mitmdump CPU per request)"
+        )
     if "load" in report:
         ld = report["load"]
         print(f"\n3. load+compile of the large config: best {ld['best_s']} s (runs {ld['load_compile_s']})")

@@ -39,7 +39,14 @@ async def serve_upstream(host: str, port: int) -> None:
 
 
 async def _connection(
-    host: str, port: int, request: bytes, stop_at: float, record_from: float, latencies: list[int], errors: list[str]
+    host: str,
+    port: int,
+    request: bytes,
+    stop_at: float,
+    record_from: float,
+    latencies: list[int],
+    errors: list[str],
+    total: list[int],
 ) -> None:
     try:
         reader, writer = await asyncio.open_connection(host, port)
@@ -64,6 +71,7 @@ async def _connection(
             if status != b"200":
                 errors.append(f"status {status.decode()}")
                 break
+            total[0] += 1
             if now >= record_from:
                 latencies.append(perf() - start)
     except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
@@ -78,17 +86,19 @@ async def run_load(host: str, port: int, connections: int, duration: float, warm
     request = f"GET /bench HTTP/1.1\r\nHost: {host}:{port}\r\n{extra}\r\n".encode()
     latencies: list[int] = []
     errors: list[str] = []
+    total = [0]
     start = time.monotonic()
     record_from = start + warmup
     stop_at = record_from + duration
     await asyncio.gather(
-        *(_connection(host, port, request, stop_at, record_from, latencies, errors) for _ in range(connections))
+        *(_connection(host, port, request, stop_at, record_from, latencies, errors, total) for _ in range(connections))
     )
     measured = max(time.monotonic() - record_from, 1e-9)
     latencies.sort()
     n = len(latencies)
     return {
         "requests": n,
+        "total_requests": total[0],  # with the warm-up
         "seconds": round(measured, 3),
         "rps": n / measured,
         "p50_ms": latencies[n // 2] / 1e6 if n else None,
