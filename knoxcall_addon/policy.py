@@ -5,6 +5,7 @@ Everything that costs more than a dict or bisect lookup happens here, once per l
 
 from __future__ import annotations
 
+import gc
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,5 +139,17 @@ _NO_ACCESS = RouteAccess(frozenset(), frozenset())
 
 
 def load_policy(folder: str | Path) -> Policy:
-    """Load, validate and compile a config folder. Raises ConfigError."""
-    return Policy(load_config(folder))
+    """Load, validate and compile a config folder. Raises ConfigError.
+
+    The cyclic garbage collector is paused meanwhile: loading allocates millions of
+    objects that all stay alive until the end, and the full collections that this
+    triggers over and over took half the load time of a 100k-range config. Nothing
+    is lost: garbage cycles made meanwhile are collected after.
+    """
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return Policy(load_config(folder))
+    finally:
+        if paused:
+            gc.enable()
