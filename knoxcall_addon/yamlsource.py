@@ -132,9 +132,11 @@ def _read_events(text: str, source_name: str) -> Any:
                 tag = resolve(yaml.ScalarNode, event.value, event.implicit)
                 if tag == _STR_TAG:
                     value = event.value
-                else:
+                elif (construct := constructors.get(tag)) is not None:
                     node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
-                    value = constructors[tag](loader, node)
+                    value = construct(loader, node)
+                else:
+                    raise _Unusual  # e.g. "=" (tag:yaml.org,2002:value)
                 where = Location(source_name, event.start_mark.line + 1)
             elif kind is yaml.MappingStartEvent or kind is yaml.SequenceStartEvent:
                 if event.anchor is not None or (event.tag is not None and event.tag != "!"):
