@@ -134,10 +134,14 @@ def decide(policy: Policy, facts: RequestFacts) -> Decision:
     """The decision for one HTTP request, in the documented order of checks."""
     settings = policy.settings
     client_ip, peer_ip = resolve_client_ip(policy, facts.peer, facts.forwarded_for)
-    client_ip_text = str(client_ip) if client_ip is not None else facts.peer or None
+    peer_ip_text = str(peer_ip) if peer_ip is not None else facts.peer or None
+    if client_ip is peer_ip:  # the usual case: no trusted proxy in between; str() once
+        client_ip_text = peer_ip_text
+    else:
+        client_ip_text = str(client_ip) if client_ip is not None else facts.peer or None
     base: dict[str, Any] = {
         "client_ip": client_ip_text,
-        "peer_ip": str(peer_ip) if peer_ip is not None else facts.peer or None,
+        "peer_ip": peer_ip_text,
         "config_version": policy.version,
     }
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import posixpath
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
@@ -76,12 +77,18 @@ class RouteTable:
         return None
 
 
+# what makes normalize_path change a path that starts with "/" (besides a trailing "/")
+_SPECIAL_IN_PATH = re.compile(r"[?#%\\]|//|/\.")
+
+
 def normalize_path(path: str) -> str:
     """The path used for matching: no query, percent-decoded, dot segments and // resolved.
 
     Matching the path an upstream will most likely serve (not the raw one) keeps
     ``/open/../admin`` from being taken for a request under ``/open``.
     """
+    if path.startswith("/") and not _SPECIAL_IN_PATH.search(path) and (path == "/" or not path.endswith("/")):
+        return path  # nothing to decode or resolve: what the steps below would return
     path = path.split("?", 1)[0].split("#", 1)[0]
     path = unquote(path).replace("\\", "/")
     if not path.startswith("/"):

@@ -172,3 +172,61 @@ def test_parse_network_results_and_errors_unchanged() -> None:
             assert expected is None or "%" in text, text
             continue
         assert got == expected and type(got) is type(expected), text
+
+
+def _reference_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """parse_ip as it was before its fast path."""
+    text = text.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            return None
+        text = text[1:end]
+    elif text.count(":") == 1:
+        text = text.split(":", 1)[0]
+    text = text.split("%", 1)[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def test_parse_ip_fast_path_agrees_with_ipaddress() -> None:
+    from knoxcall_addon.ipmatch import parse_ip
+
+    rng = random.Random(7)
+    texts = ["1.2.3.4", "01.2.3.4", "1.2.3", "0x1.2.3.4", "256.1.1.1", "::", "::1", "::ffff:1.2.3.4",
+             "::ffff:102:304", "::ffff:0:0", "1::2::3", ":::", "12345::", "fe80::1%eth0", "[::1]:80",
+             "1.2.3.4:80", "", " 10.0.0.1 ", "1:2:3:4:5:6:7:8:9", "1:2:3:4:5:6:7::"]  # fmt: skip
+    for _ in range(5000):
+        if rng.random() < 0.5:
+            texts.append(str(ipaddress.IPv4Address(rng.getrandbits(32))))
+        else:
+            address = ipaddress.IPv6Address(rng.getrandbits(128) >> rng.choice([0, 32, 64, 96]))
+            texts.append(rng.choice([str(address), address.exploded, str(address).upper()]))
+    for text in texts:
+        got, expected = parse_ip(text), _reference_ip(text)
+        assert got == expected and type(got) is type(expected), text
+
+
+def test_normalize_path_fast_path_agrees_with_the_full_steps() -> None:
+    import posixpath
+    from urllib.parse import unquote
+
+    from knoxcall_addon.policy import normalize_path
+
+    def full(path: str) -> str:
+        path = unquote(path.split("?", 1)[0].split("#", 1)[0]).replace("\\", "/")
+        normalized = posixpath.normpath(path if path.startswith("/") else "/" + path)
+        return "/" + normalized.lstrip("/") if normalized.startswith("//") else normalized
+
+    rng = random.Random(3)
+    pieces = ["a", "b", "/", ".", "..", "%2e", "%2F", "?", "#", "\\", "//", "x.y", "-", "é", "%", " "]
+    for _ in range(20000):
+        path = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
+        if rng.random() < 0.7:
+            path = "/" + path
+        assert normalize_path(path) == full(path), path
