@@ -40,7 +40,8 @@ from knoxcall_addon.decision import RequestFacts, decide
 from knoxcall_addon.policy import Policy, load_policy
 
 ROOT = Path(__file__).resolve().parent.parent
-ADDON = Path(os.environ.get("KC_ADDON", ROOT / "knoxcall_addon" / "addon.py"))
+ADDON = ROOT / "knoxcall_addon" / "addon.py"
+NOOP_ADDON = ROOT / "benchmarks" / "noop_addon.py"
 BIN = Path(sys.executable).parent
 SECTIONS = ("micro", "e2e", "load", "reload")
 # the same for bare and addon runs: reverse mode, lazy upstream connections, quiet terminal
@@ -147,13 +148,17 @@ def upstream_process() -> Iterator[int]:
 
 
 @contextmanager
-def mitmdump(upstream_port: int, config: Path | None, log: Path, extra: list[str] = ()) -> Iterator[tuple[int, int]]:
-    """(port, pid) of a mitmdump in reverse mode; with the addon when ``config`` is given."""
+def mitmdump(
+    upstream_port: int, config: Path | None, log: Path, extra: list[str] = (), script: Path = ADDON
+) -> Iterator[tuple[int, int]]:
+    """(port, pid) of a mitmdump in reverse mode; with ``script`` when ``config`` is given."""
     port = free_port()
     args = [str(BIN / "mitmdump"), "--mode", f"reverse:http://127.0.0.1:{upstream_port}",
             "--listen-host", "127.0.0.1", "-p", str(port), *MITM_FLAGS, *extra]  # fmt: skip
     if config is not None:
-        args += ["-s", str(ADDON), "--set", f"knoxcall_config={config}"]
+        args += ["-s", str(script)]
+        if script == ADDON:
+            args += ["--set", f"knoxcall_config={config}"]
     with log.open("wb") as out:
         proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         try:
@@ -306,25 +311,26 @@ def bench_micro(sizes: Sizes, large: Generated, work: Path, quick: bool) -> dict
 
 
 def bench_e2e(large: Generated, work: Path, quick: bool, connections: int, rss: dict[str, Any]) -> dict[str, Any]:
-    rounds = 2 if quick else 4
-    duration = 2.0 if quick else 4.0
+    rounds = 3 if quick else 6  # a multiple of 3: each variant goes first equally often
+    duration = 2.0 if quick else 3.0
     result: dict[str, Any] = {"connections": connections, "rounds": rounds, "seconds_per_round": duration,
                               "mitmdump_flags": " ".join(MITM_FLAGS)}  # fmt: skip
     with upstream_process() as up:
         result["generator_direct"] = run_load(up, connections, duration)
         with (
             mitmdump(up, None, work / "bare.log") as (bare_port, bare_pid),
+            mitmdump(up, large.folder, work / "noop.log", script=NOOP_ADDON) as (noop_port, noop_pid),
             mitmdump(up, large.folder, work / "addon.log") as (addon_port, addon_pid),
         ):
             rss["bare_start_kib"] = vm_rss_kib(bare_pid)
             rss["addon_start_kib"] = vm_rss_kib(addon_pid)
-            runs: dict[str, list[dict[str, Any]]] = {"bare": [], "addon": []}
+            variants = {"bare": (bare_port, bare_pid), "noop": (noop_port, noop_pid), "addon": (addon_port, addon_pid)}
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
             for i in range(rounds):
-                order = [("bare", bare_port), ("addon", addon_port)]
-                if i % 2:
-                    order.reverse()
-                for name, port in order:
-                    pid = bare_pid if name == "bare" else addon_pid
+                names = list(variants)
+                order = names[i % 3 :] + names[: i % 3]  # rotate, so that no variant always goes first
+                for name in order:
+                    port, pid = variants[name]
                     cpu = cpu_seconds(pid)
                     run = run_load(port, connections, duration)
                     # CPU time per request is far less sensitive to other load on the machine
@@ -347,9 +353,12 @@ def bench_e2e(large: Generated, work: Path, quick: bool, connections: int, rss: 
     ratios = [a["rps"] / b["rps"] for a, b in zip(runs["addon"], runs["bare"], strict=True) if b["rps"]]
     result["throughput_ratio_per_round"] = [round(r, 3) for r in ratios]
     result["throughput_ratio"] = round(statistics.median(ratios), 3) if ratios else None
+    noop_ratios = [a["rps"] / b["rps"] for a, b in zip(runs["noop"], runs["bare"], strict=True) if b["rps"]]
+    result["noop_throughput_ratio"] = round(statistics.median(noop_ratios), 3) if noop_ratios else None
     bare_cpu, addon_cpu = result["bare"]["cpu_us_per_request"], result["addon"]["cpu_us_per_request"]
     result["cpu_ratio"] = round(bare_cpu / addon_cpu, 3) if addon_cpu else None
     result["addon_cpu_us_per_request"] = round(addon_cpu - bare_cpu, 1)
+    result["noop_script_cpu_us_per_request"] = round(result["noop"]["cpu_us_per_request"] - bare_cpu, 1)
     return result
 
 
@@ -452,7 +461,7 @@ def print_table(report: dict[str, Any]) -> None:
         print(
             f"{'generator -> upstream':<24} {g['rps']:>9.0f} req/s  p50 {g['p50_ms']:.3f} ms  p99 {g['p99_ms']:.3f} ms"
         )
-        for name in ("bare", "addon"):
+        for name in ("bare", "noop", "addon"):
             r = e[name]
             print(
                 f"{'mitmdump ' + name:<24} {r['rps']:>9} req/s  p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms"
@@ -461,7 +470,8 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"addon/bare throughput: {e['throughput_ratio']} (per round {e['throughput_ratio_per_round']})")
         print(
             f"bare/addon CPU per request: {e['cpu_ratio']} (the addon costs {e['addon_cpu_us_per_request']} µs "
-            "of mitmdump CPU per request)"
+            f"of mitmdump CPU per request; a script with the same hooks doing nothing costs "
+            f"{e['noop_script_cpu_us_per_request']} µs, noop/bare throughput {e['noop_throughput_ratio']})"
         )
     if "load" in report:
         ld = report["load"]

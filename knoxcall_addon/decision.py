@@ -48,6 +48,7 @@ class RequestFacts:
     environment: str | None = None  # x-knoxcall-environment
     api_key: str | None = None  # x-knoxcall-key, the secret itself
     forwarded_for: tuple[str, ...] = ()  # values of settings.client_ip_header
+    api_key_name: str | None = None  # a key named in the config, for `knoxcall explain` (the secret is unknown)
 
 
 @dataclass(frozen=True)
@@ -174,8 +175,11 @@ def decide(policy: Policy, facts: RequestFacts) -> Decision:
 
     # 5. API key
     key: ApiKey | None = None
-    if facts.api_key is not None:
-        key = find_key(policy, facts.api_key)
+    if facts.api_key is not None or facts.api_key_name is not None:
+        if facts.api_key is not None:
+            key = find_key(policy, facts.api_key)
+        else:
+            key = find_key_by_name(policy, facts.api_key_name)
         if key is None:
             return _deny(base, "invalid_api_key")
         base["api_key"] = key.name
@@ -244,6 +248,11 @@ def find_key(policy: Policy, secret: str) -> ApiKey | None:
         if hmac.compare_digest(digest, key.key_sha256):
             found = key
     return found
+
+
+def find_key_by_name(policy: Policy, name: str | None) -> ApiKey | None:
+    """The enabled key with this name: what the key would resolve to, for explaining a decision."""
+    return next((key for key in policy.enabled_keys if key.name == name), None)
 
 
 def internal_error(client_ip: str | None, peer_ip: str | None, detail: str, version: str = "") -> Decision:

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from mitmproxy import ctx, exceptions, http, tcp, udp
+from mitmproxy import command, connection, ctx, dns, exceptions, http, tcp, udp
 from mitmproxy import log as mitmproxy_log
-from mitmproxy.proxy import mode_specs
+from mitmproxy.net.dns import response_codes as dns_response_codes
+from mitmproxy.proxy import mode_specs, server_hooks
 
 from knoxcall_addon.accesslog import AccessLog, utc_timestamp
 from knoxcall_addon.decision import (
@@ -31,6 +32,7 @@ from knoxcall_addon.decision import (
     decide_connection,
     internal_error,
 )
+from knoxcall_addon.explain import explain_text
 from knoxcall_addon.model import ConfigError
 from knoxcall_addon.policy import Policy, load_policy
 
@@ -38,6 +40,9 @@ logger = logging.getLogger("knoxcall")
 
 METADATA_KEY = "knoxcall"
 DENIED_MARKER = ":no_entry:"
+# Reverse modes whose connections can only carry raw traffic, decided at connect time.
+RAW_REVERSE_SCHEMES = frozenset({"tcp", "tls", "udp", "dtls", "dns"})
+
 _PREFIX_BYTES = HEADER_PREFIX.encode()
 _XFF_BYTES = b"x-forwarded-for"
 # Marks the per-decision log lines, see _SkipLegacyLogEvents.
@@ -76,6 +81,8 @@ class KnoxCall:
         self.current: LoadedPolicy | None = None
         self.access_log: AccessLog | None = None
         self._pending: set[str] = set()  # ids of HTTP flows decided but not yet access-logged
+        self.uninspected_tunnels = False  # ignore_hosts/allow_hosts: some tunnels are never inspected
+        self._refused: set[str] = set()  # ids of client connections whose raw flows were refused
 
     # -- options -----------------------------------------------------------------------
 
@@ -106,6 +113,10 @@ class KnoxCall:
                 # the option back, so the previous policy stays in force.
                 raise exceptions.OptionsError(f"knoxcall: invalid config in {folder}:\n{e}") from None
             self.install(policy)
+        if "ignore_hosts" in updated or "allow_hosts" in updated:
+            # Ignored hosts' tunnels carry raw TCP that no addon hook ever sees, so a
+            # CONNECT can no longer count on the requests inside being decided.
+            self.uninspected_tunnels = bool(ctx.options.ignore_hosts or ctx.options.allow_hosts)
         if "knoxcall_access_log" in updated:
             if self.access_log:
                 self.access_log.close()
@@ -134,12 +145,20 @@ class KnoxCall:
             self.access_log.close()
             self.access_log = None
 
+    @command.command("knoxcall.explain")
+    def explain(self, ip: str, route: str, env: str = "") -> str:
+        """The decision for a caller IP on a route (and environment), and why; as `knoxcall explain`."""
+        if self.current is None:
+            return "no policy loaded: every request is denied"
+        return explain_text(self.current.policy, ip, route, env or None)
+
     # -- HTTP --------------------------------------------------------------------------
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Decide as soon as the headers are in, before any body is read or forwarded."""
-        if flow.response or flow.error or METADATA_KEY in flow.metadata:
+        if flow.response or flow.error:
             return
+        # A replayed flow (mitmweb's "replay") passes here again and is decided again.
         request_id = uuid.uuid4().hex
         request = flow.request
         seen = {
@@ -159,7 +178,9 @@ class KnoxCall:
             logger.exception(f"knoxcall: error while deciding request {request_id}; denying it")
             peer = peer_host(flow)
             decision = internal_error(peer, peer, f"{type(e).__name__}: {e}", self._version())
-        self._record(flow, decision, request_id, seen)
+        meta = {"request_id": request_id, **seen, **decision.fields()}
+        self._log_decision(decision, request_id)
+        self._annotate(flow, decision, meta)
         self._pending.add(flow.id)
         if not decision.allowed:
             flow.response = denial_response(decision, request_id)
@@ -168,9 +189,14 @@ class KnoxCall:
         """CONNECT in forward mode: refuse tunnels from peers that nothing could allow."""
         if flow.response or flow.error:
             return
-        decision, request_id = self._decide_connection(flow, tunnel=True)
+        decision, meta = self._decide_connection(
+            peer_host(flow), flow.request.pretty_host, "CONNECT", tunnel=not self.uninspected_tunnels
+        )
+        meta["status"] = 200 if decision.allowed else decision.status
+        self._annotate(flow, decision, meta)
+        self._write_access_log(meta)
         if not decision.allowed:
-            flow.response = denial_response(decision, request_id)
+            flow.response = denial_response(decision, meta["request_id"])
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """Every response we make or forward carries the request id (also when streamed)."""
@@ -184,23 +210,78 @@ class KnoxCall:
     def error(self, flow: http.HTTPFlow) -> None:
         self._complete(flow)
 
-    # -- TCP / UDP ---------------------------------------------------------------------
+    # -- raw connections: TCP, UDP, DNS ------------------------------------------------
+
+    def client_connected(self, client: connection.Client) -> None:
+        """In modes that carry only raw traffic (reverse:tcp, :udp, :dns...), decide at once.
+
+        Setting ``client.error`` here is how mitmproxy's own block addon closes a
+        connection before any layer runs.
+        """
+        if not _decided_at_connect(client):
+            return
+        mode = client.proxy_mode
+        assert isinstance(mode, mode_specs.ReverseMode)
+        decision, meta = self._decide_connection(str(client.peername[0]), mode.address[0], None, tunnel=False)
+        self._write_access_log(meta)
+        if not decision.allowed:
+            client.error = f"knoxcall: connection refused ({decision.reason})"
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
-        self._decide_connection(flow, tunnel=False)
+        self._start_raw_flow(flow)
 
     def udp_start(self, flow: udp.UDPFlow) -> None:
-        self._decide_connection(flow, tunnel=False)
+        self._start_raw_flow(flow)
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """A refused raw flow never reaches its server (mitmproxy ignores kill() at tcp_start)."""
+        if data.client.id in self._refused:
+            data.server.error = "knoxcall: connection refused"
+
+    def tcp_message(self, flow: tcp.TCPFlow) -> None:
+        """Belt and braces: nothing of a refused flow is relayed, even if a server was connected."""
+        if flow.client_conn.id in self._refused and flow.messages:
+            flow.messages[-1].content = b""
+
+    def udp_message(self, flow: udp.UDPFlow) -> None:
+        if flow.client_conn.id in self._refused and flow.messages:
+            flow.messages[-1].content = b""
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._refused.discard(client.id)
+
+    def dns_request(self, flow: dns.DNSFlow) -> None:
+        if flow.response or flow.error or _decided_at_connect(flow.client_conn):
+            return
+        decision, meta = self._decide_connection(peer_host(flow), None, "DNS", tunnel=False)
+        self._annotate(flow, decision, meta)
+        self._write_access_log(meta)
+        if not decision.allowed:
+            flow.response = flow.request.fail(dns_response_codes.REFUSED)
+
+    def _start_raw_flow(self, flow: tcp.TCPFlow | udp.UDPFlow) -> None:
+        """Decide a TCP/UDP flow by its peer; a refused one is cut off from its server."""
+        if flow.client_conn.id in self._refused or _decided_at_connect(flow.client_conn):
+            return
+        host = str(flow.server_conn.address[0]) if flow.server_conn.address else None
+        decision, meta = self._decide_connection(peer_host(flow), host, None, tunnel=False)
+        self._annotate(flow, decision, meta)
+        self._write_access_log(meta)
+        if not decision.allowed:
+            self._refused.add(flow.client_conn.id)
+            if flow.killable:
+                flow.kill()
 
     # -- internals ---------------------------------------------------------------------
 
     def _version(self) -> str:
         return self.current.policy.version if self.current else ""
 
-    def _decide_connection(self, flow: http.HTTPFlow | tcp.TCPFlow | udp.UDPFlow, tunnel: bool) -> tuple[Decision, str]:
-        """Decide a connection-level flow; its access log line is written at once."""
+    def _decide_connection(
+        self, peer: str, host: str | None, method: str | None, *, tunnel: bool
+    ) -> tuple[Decision, dict[str, Any]]:
+        """Decide a connection that carries no request we can read; log the decision."""
         request_id = uuid.uuid4().hex
-        peer = peer_host(flow)
         try:
             current = self.current
             if current is None:
@@ -209,35 +290,33 @@ class KnoxCall:
         except Exception as e:
             logger.exception(f"knoxcall: error while deciding connection {request_id}; denying it")
             decision = internal_error(peer, peer, f"{type(e).__name__}: {e}", self._version())
-        seen: dict[str, Any] = {"method": "CONNECT" if tunnel else None, "host": None, "path": None}
-        if isinstance(flow, http.HTTPFlow):
-            seen["host"] = flow.request.pretty_host
-        elif flow.server_conn.address:
-            seen["host"] = str(flow.server_conn.address[0])
-        self._record(flow, decision, request_id, seen)
-        meta = flow.metadata[METADATA_KEY]
-        if isinstance(flow, http.HTTPFlow):
-            meta["status"] = decision.status if not decision.allowed else 200
-        else:
-            meta["status"] = None  # a raw connection has no status; "decision" says it all
-            if not decision.allowed:
-                flow.kill()
-        self._write_access_log(flow, dict(meta))
-        return decision, request_id
+        meta: dict[str, Any] = {
+            "request_id": request_id,
+            "method": method,
+            "host": host,
+            "path": None,
+            **decision.fields(),
+            "status": None,  # a raw connection has no status; "decision" says it all
+            "ts": utc_timestamp(time.time()),
+        }
+        self._log_decision(decision, request_id)
+        return decision, meta
 
-    def _record(self, flow: Any, decision: Decision, request_id: str, seen: dict[str, Any]) -> None:
-        """Annotate the flow (comment, mark, metadata) and write the event log line."""
-        flow.metadata[METADATA_KEY] = {"request_id": request_id, **seen, **decision.fields()}
+    def _log_decision(self, decision: Decision, request_id: str) -> None:
         line = f"{decision.summary()} id={request_id}"
-        flow.comment = line
         if decision.allowed:
             logger.info(line, extra=_DECISION_LINE)
+        elif decision.reason == "internal_error":
+            logger.error(line)
         else:
+            logger.warning(line, extra=_DECISION_LINE)
+
+    def _annotate(self, flow: Any, decision: Decision, meta: dict[str, Any]) -> None:
+        """What mitmweb shows: the comment, a mark on denials, and the metadata."""
+        flow.metadata[METADATA_KEY] = meta
+        flow.comment = f"{decision.summary()} id={meta['request_id']}"
+        if not decision.allowed:
             flow.marked = DENIED_MARKER
-            if decision.reason == "internal_error":
-                logger.error(line)
-            else:
-                logger.warning(line, extra=_DECISION_LINE)
 
     def _complete(self, flow: http.HTTPFlow) -> None:
         """Write the access log line once, when the request is answered or fails."""
@@ -250,16 +329,20 @@ class KnoxCall:
         meta["status"] = flow.response.status_code if flow.response else None
         meta["latency_ms"] = round((time.time() - flow.request.timestamp_start) * 1000, 3)
         meta["ts"] = utc_timestamp(flow.request.timestamp_start)
-        self._write_access_log(flow, meta)
+        self._write_access_log(meta)
 
-    def _write_access_log(self, flow: Any, record: dict[str, Any]) -> None:
+    def _write_access_log(self, record: dict[str, Any]) -> None:
         if self.access_log is None:
             return
-        record.setdefault("ts", utc_timestamp(time.time()))
         try:
             self.access_log.write(record)
         except Exception:
             logger.exception("knoxcall: cannot write the access log")
+
+
+def _decided_at_connect(client: connection.Client) -> bool:
+    mode = client.proxy_mode
+    return isinstance(mode, mode_specs.ReverseMode) and mode.scheme in RAW_REVERSE_SCHEMES
 
 
 def peer_host(flow: Any) -> str:

@@ -118,11 +118,11 @@ class MitmDump:
             listen_host,
             "-p",
             str(self.port),
-            "--set",
-            "connection_strategy=lazy",
-            "--set",
-            "keep_host_header=true",
         ]
+        # Defaults for re-targeting per route (see README); an explicit extra wins.
+        for default in ("connection_strategy=lazy", "keep_host_header=true"):
+            if not any(a.startswith(default.split("=")[0] + "=") for a in extra):
+                args += ["--set", default]
         if mode:
             args += ["--mode", mode]
         if self.access_log:

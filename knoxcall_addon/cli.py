@@ -1,0 +1,244 @@
+"""The `knoxcall` command: check, explain, ping, new-key.
+
+Exit codes: 0 fine, 1 config errors (or warnings with --strict, or a denied explain
+with --exit-code), 2 usage errors, 3 ICMP not permitted (ping).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import secrets
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from knoxcall_addon.connectivity import (
+    ICMP_CAVEAT,
+    Pinger,
+    PingNotPermitted,
+    PingSettings,
+    format_table,
+    icmp_pinger,
+    ping_targets,
+    targets,
+)
+from knoxcall_addon.explain import explain, request_for
+from knoxcall_addon.ipmatch import parse_ip
+from knoxcall_addon.lint import RULES, Finding, lint
+from knoxcall_addon.loader import OBJECT_NAME
+from knoxcall_addon.model import ConfigError
+from knoxcall_addon.policy import Policy, load_policy
+
+EXIT_OK = 0
+EXIT_FINDINGS = 1
+EXIT_USAGE = 2
+EXIT_NO_ICMP = 3
+
+
+def main(argv: Sequence[str] | None = None, *, pinger: Pinger = icmp_pinger, out: TextIO | None = None) -> int:
+    """Run one subcommand; return its exit code (the console script exits with it)."""
+    out = out or sys.stdout
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits 2 on usage errors, 0 on --help
+        return int(e.code or 0)
+    if args.command == "check":
+        unknown = sorted(set(args.ignore or ()) - set(RULES))
+        if unknown:
+            sys.stderr.write(f"knoxcall check: unknown rule(s) {', '.join(unknown)}; rules: {', '.join(RULES)}\n")
+            return EXIT_USAGE
+        return check(args.config, fmt=args.format, strict=args.strict, ignore=set(args.ignore or ()), out=out)
+    if args.command == "explain":
+        return explain_command(args, out)
+    if args.command == "ping":
+        settings = PingSettings(count=args.count, interval=args.interval, timeout=args.timeout)
+        return ping(args.config, settings, include_all=args.all, pinger=pinger, out=out)
+    if args.command == "new-key":
+        return new_key(args.type, args.name, out)
+    parser.print_help(sys.stderr)
+    return EXIT_USAGE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="knoxcall", description="KnoxCall operator tools")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("check", help="validate the config exactly as the proxy loads it, then lint it")
+    p.add_argument("config", nargs="?", default="config", metavar="CONFIG_DIR", help="config folder (default: config)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--strict", action="store_true", help="exit 1 on warnings too (for CI of a config repository)")
+    p.add_argument("--ignore", action="append", metavar="RULE", help="skip a lint rule (repeatable)")
+
+    p = sub.add_parser("explain", help="the decision the proxy would make for an IP, route and environment")
+    p.add_argument("--ip", required=True, help="the caller's address (the TCP peer)")
+    p.add_argument("--route", required=True)
+    p.add_argument("--env", help="environment (default: the default environment)")
+    p.add_argument("--key-name", help="name of an API key in the config (the secret is never needed)")
+    p.add_argument("--config", default="config", metavar="CONFIG_DIR")
+    p.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="NAME:VALUE",
+        help="a request header, e.g. 'X-Forwarded-For: 10.0.0.1' (repeatable)",
+    )
+    p.add_argument("--method", help="HTTP method (default GET, or the route's first allowed method)")
+    p.add_argument("--host", help="host for the route's match (default: one the match accepts)")
+    p.add_argument("--path", help="path for the route's match (default: its path_prefix)")
+    p.add_argument("--exit-code", action="store_true", help="exit 1 when the request would be denied")
+
+    p = sub.add_parser("ping", help="ICMP check of server clients' single addresses")
+    p.add_argument("config", nargs="?", default="config", metavar="CONFIG_DIR")
+    p.add_argument("--count", type=_positive_int, default=3, help="echo requests per address (default 3)")
+    p.add_argument("--timeout", type=_positive_float, default=1.0, help="seconds to wait per reply (default 1)")
+    p.add_argument("--interval", type=_positive_float, default=0.2, help="seconds between requests (default 0.2)")
+    p.add_argument("--all", action="store_true", help="also user and disabled clients (ranges are still skipped)")
+
+    p = sub.add_parser("new-key", help="print a new random API key once, and its api_keys entry")
+    p.add_argument("--type", choices=("live", "test"), default="live")
+    p.add_argument("--name", default="new-key", help="name for the api_keys entry (default: new-key)")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def _load(folder: str) -> tuple[Policy | None, list[Finding]]:
+    """The policy as the addon loads it, or the loader's problems as `config` findings."""
+    try:
+        return load_policy(folder), []
+    except ConfigError as e:
+        return None, [Finding(p.location, "error", "config", p.message) for p in e.problems]
+
+
+# -- check -------------------------------------------------------------------------------
+
+
+def check(folder: str, *, fmt: str = "text", strict: bool = False, ignore: set[str] = frozenset(), out: TextIO) -> int:
+    policy, findings = _load(folder)
+    if policy is not None:
+        findings = lint(policy.config)
+    findings = [f for f in findings if f.rule not in ignore]
+    errors = sum(f.severity == "error" for f in findings)
+    warnings = len(findings) - errors
+    if fmt == "json":
+        json.dump(
+            {
+                "config": folder,
+                "loaded": policy is not None,
+                "errors": errors,
+                "warnings": warnings,
+                "findings": [f.as_dict() for f in findings],
+            },
+            out,
+            indent=2,
+        )
+        out.write("\n")
+    else:
+        for finding in findings:
+            out.write(f"{finding}\n")
+        state = "invalid" if policy is None else "loads"
+        out.write(f"{folder}: config {state}; {errors} error(s), {warnings} warning(s)\n")
+    if errors or (strict and warnings):
+        return EXIT_FINDINGS
+    return EXIT_OK
+
+
+# -- explain -----------------------------------------------------------------------------
+
+
+def explain_command(args: argparse.Namespace, out: TextIO) -> int:
+    headers: list[tuple[str, str]] = []
+    for header in args.header:
+        name, sep, value = header.partition(":")
+        if not sep or not name.strip():
+            sys.stderr.write(f"knoxcall explain: --header {header!r} must look like NAME:VALUE\n")
+            return EXIT_USAGE
+        headers.append((name.strip(), value.strip()))
+    if parse_ip(args.ip) is None:
+        sys.stderr.write(f"knoxcall explain: --ip {args.ip!r} is not an IP address\n")
+        return EXIT_USAGE
+    policy, problems = _load(args.config)
+    if policy is None:
+        for finding in problems:
+            out.write(f"{finding}\n")
+        return EXIT_FINDINGS
+    facts = request_for(
+        policy, args.ip, args.route, args.env, args.key_name, headers, method=args.method, host=args.host,
+        path=args.path,
+    )  # fmt: skip
+    result = explain(policy, facts)
+    out.write(result.text() + "\n")
+    if args.exit_code and not result.decision.allowed:
+        return EXIT_FINDINGS
+    return EXIT_OK
+
+
+# -- ping --------------------------------------------------------------------------------
+
+
+def ping(
+    folder: str, settings: PingSettings, *, include_all: bool = False, pinger: Pinger = icmp_pinger, out: TextIO
+) -> int:
+    policy, problems = _load(folder)
+    if policy is None:
+        for finding in problems:
+            out.write(f"{finding}\n")
+        return EXIT_FINDINGS
+    items = targets(policy.config, include_all=include_all)
+    if not items:
+        what = "client" if include_all else "enabled server client"
+        out.write(f"no {what} has a single-address network (/32 or /128) to ping; ranges are never pinged\n")
+        return EXIT_OK
+    try:
+        rows = asyncio.run(ping_targets(items, settings, pinger))
+    except PingNotPermitted as e:
+        sys.stderr.write(f"{e}\n")
+        return EXIT_NO_ICMP
+    out.write(format_table(rows) + "\n")
+    out.write(f"note: {ICMP_CAVEAT}\n")
+    return EXIT_OK
+
+
+# -- new-key -----------------------------------------------------------------------------
+
+
+def new_key(key_type: str, name: str, out: TextIO) -> int:
+    if not OBJECT_NAME.match(name):
+        sys.stderr.write(f"knoxcall new-key: --name {name!r} must match {OBJECT_NAME.pattern}\n")
+        return EXIT_USAGE
+    key = f"kc_{key_type}_{secrets.token_urlsafe(32)}"
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    out.write(
+        f"New {key_type} API key (shown only now; store it in your secret manager, send it as x-knoxcall-key):\n"
+        f"\n    {key}\n\n"
+        "Paste this entry under api_keys: in your config (it holds only the key's SHA-256):\n\n"
+        f"  - name: {name}\n"
+        f'    key_sha256: "{digest}"\n'
+        f"    type: {key_type}\n"
+        "    enabled: true\n"
+    )
+    return EXIT_OK
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

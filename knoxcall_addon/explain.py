@@ -1,0 +1,190 @@
+"""Explain the decision the proxy would make for a caller, route and environment.
+
+Pure and shared by `knoxcall explain` and the mitmproxy command `knoxcall.explain`.
+The decision itself comes from `decision.decide`, the same call the addon makes; this
+module only adds the words around it: which range matched, or the closest near misses.
+Not on the hot path, so it may scan a client's networks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from knoxcall_addon.decision import ENVIRONMENT_HEADER, KEY_HEADER, ROUTE_HEADER, Decision, RequestFacts, decide
+from knoxcall_addon.ipmatch import parse_ip
+from knoxcall_addon.model import Client, IPAddress, IPNetwork
+from knoxcall_addon.policy import Policy
+
+NEAR_MISS_LIMIT = 10  # near misses listed at most; a lookup can cover many clients
+
+
+@dataclass(frozen=True)
+class Explanation:
+    facts: RequestFacts
+    decision: Decision
+    matched_range: IPNetwork | None
+    lines: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def request_for(
+    policy: Policy,
+    ip: str,
+    route: str,
+    environment: str | None = None,
+    key_name: str | None = None,
+    headers: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
+    method: str | None = None,
+    host: str | None = None,
+    path: str | None = None,
+) -> RequestFacts:
+    """The RequestFacts of a request that names ``route`` and fits its match.
+
+    Host and path default to ones the route's match accepts, and the method to GET (or
+    the first allowed method when GET is not), so that the answer is about the caller's
+    address. Headers named like the client IP header or the x-knoxcall-* headers count
+    as the proxy would count them.
+    """
+    forwarded: list[str] = []
+    api_key: str | None = None
+    for name, value in headers:
+        lowered = name.strip().lower()
+        if lowered == policy.settings.client_ip_header.lower():
+            forwarded.append(value.strip())
+        elif lowered == KEY_HEADER:
+            api_key = value.strip()
+        elif lowered == ENVIRONMENT_HEADER and environment is None:
+            environment = value.strip()
+        elif lowered == ROUTE_HEADER:
+            route = value.strip()
+    target = policy.routes.get(route)
+    match = target.match if target is not None else None
+    if host is None:
+        host = ""
+        if match is not None and match.hosts:
+            first = match.hosts[0]
+            host = "www" + first[1:] if first.startswith("*.") else first
+    if path is None:
+        path = match.path_prefix if match is not None else "/"
+    if method is None:
+        method = "GET"
+        if target is not None:
+            methods = target.methods_for(environment or policy.settings.default_environment)
+            if methods and "GET" not in methods:
+                method = sorted(methods)[0]
+    return RequestFacts(
+        peer=ip,
+        method=method.upper(),
+        host=host,
+        path=path,
+        route=route,
+        environment=environment,
+        api_key=api_key,
+        forwarded_for=tuple(forwarded),
+        api_key_name=key_name if api_key is None else None,
+    )
+
+
+def explain(policy: Policy, facts: RequestFacts) -> Explanation:
+    """Decide ``facts`` like the proxy would, and say why in a few lines."""
+    decision = decide(policy, facts)
+    config = policy.config
+    lines: list[str] = []
+    verdict = "ALLOWED" if decision.allowed else f"DENIED ({decision.status})"
+    lines.append(f"{verdict}: {decision.reason}")
+    where = f"{facts.method} {facts.host or '<any host>'}{facts.path}"
+    lines.append(
+        f"  request: {where} route={decision.route or facts.route} "
+        f"env={decision.environment or facts.environment or config.settings.default_environment}"
+        + (f" key={decision.api_key}" if decision.api_key else "")
+        + (
+            f" (key {facts.api_key_name!r} is not an enabled key)"
+            if facts.api_key_name and not decision.api_key
+            else ""
+        )
+    )
+    caller = f"  caller: {decision.client_ip or facts.peer}"
+    if decision.peer_ip and decision.peer_ip != decision.client_ip:
+        caller += f" (via trusted proxy {decision.peer_ip})"
+    lines.append(caller)
+    if decision.detail:
+        lines.append(f"  detail: {decision.detail}")
+    if not decision.allowed:
+        lines.append(f"  answer: {decision.status} {json.dumps(decision.body)}")
+    elif decision.target_url:
+        lines.append(f"  forwarded to: {decision.target_url}")
+
+    client_ip = parse_ip(decision.client_ip or "") if decision.client_ip else None
+    matched: IPNetwork | None = None
+    if decision.allowed and decision.reason == "client" and decision.client and client_ip is not None:
+        matched = best_range(config.clients[decision.client], client_ip)
+        lines.append(f"  matched: client {decision.client} range {matched}")
+    elif decision.reason in ("ip_not_whitelisted", "client_not_assigned", "client_disabled") and client_ip:
+        lines += _near_misses(policy, client_ip, decision)
+    return Explanation(facts, decision, matched, lines)
+
+
+def explain_text(
+    policy: Policy,
+    ip: str,
+    route: str,
+    environment: str | None = None,
+    key_name: str | None = None,
+    headers: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
+) -> str:
+    """The explanation as text: what `knoxcall explain` prints and `knoxcall.explain` returns."""
+    if parse_ip(ip) is None:
+        return f"error: {ip!r} is not an IP address"
+    facts = request_for(policy, ip, route, environment or None, key_name or None, headers)
+    return explain(policy, facts).text()
+
+
+def best_range(client: Client, address: IPAddress) -> IPNetwork | None:
+    """The narrowest of the client's networks that contains ``address``."""
+    containing = [n for n in client.networks if n.version == address.version and address in n]
+    return max(containing, key=lambda n: n.prefixlen, default=None)
+
+
+def _near_misses(policy: Policy, address: IPAddress, decision: Decision) -> list[str]:
+    """Clients that contain the address but do not let it in here, and why not."""
+    config = policy.config
+    route = decision.route or ""
+    environment = decision.environment or ""
+    covering = policy.clients_by_ip.lookup(address)
+    lines: list[str] = []
+    if not covering:
+        lines.append(f"  no client contains {address}")
+        assigned = policy.access_for(route, environment).assigned
+        if assigned:
+            names = sorted(assigned)[:NEAR_MISS_LIMIT]
+            shown = ", ".join(f"{n} ({', '.join(str(x) for x in config.clients[n].networks[:3])})" for n in names)
+            lines.append(f"  assigned here: {shown}" + (" ..." if len(assigned) > len(names) else ""))
+        else:
+            lines.append(f"  no client is assigned to {route} in {environment}")
+        return lines
+    lines.append("  near misses:")
+    for name in covering[:NEAR_MISS_LIMIT]:
+        client = config.clients[name]
+        network = best_range(client, address)
+        elsewhere = [
+            f"{a.route}/{a.environment}"
+            for a in config.assignments
+            if name in a.clients and not (a.route == route and a.environment == environment)
+        ]
+        other_envs = [e.split("/", 1)[1] for e in elsewhere if e.split("/", 1)[0] == route]
+        if not client.enabled:
+            why = "is disabled"
+        elif other_envs:
+            why = f"is assigned to {route} only in {', '.join(other_envs)}, not in {environment}"
+        else:
+            why = f"is not assigned to {route} in {environment}"
+        where = f"; assigned to {', '.join(elsewhere[:NEAR_MISS_LIMIT])}" if elsewhere and not other_envs else ""
+        if not elsewhere:
+            where = "; assigned nowhere"
+        lines.append(f"    client {name} ({network}) {why}{where}")
+    if len(covering) > NEAR_MISS_LIMIT:
+        lines.append(f"    ... and {len(covering) - NEAR_MISS_LIMIT} more")
+    return lines

@@ -1,0 +1,277 @@
+"""Security lint of a loaded config: what `knoxcall check` reports after the loader accepted it.
+
+Pure: takes a validated Config, returns Findings (rule, severity, location, message).
+Every rule is linear or n·log n in the number of ranges, since configs can hold 100k of them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Literal
+
+from knoxcall_addon.model import Client, Config, IPNetwork, Location
+
+Severity = Literal["error", "warning"]
+
+WIDE_PREFIX = {4: 16, 6: 32}  # ranges wider than these (smaller prefix) are "very wide"
+SHARED_ROUTES_LIMIT = 5  # a client on more routes than this is "shared across many routes"
+
+RULES: dict[str, str] = {
+    "config": "the loader refused the config (same code as the proxy)",
+    "open-range": "a client allows every address (0.0.0.0/0, ::/0); an error when assigned in the default environment",
+    "wide-range": f"a range wider than /{WIDE_PREFIX[4]} (IPv4) or /{WIDE_PREFIX[6]} (IPv6)",
+    "unused-client": "a client assigned to no route",
+    "disabled-assigned": "a disabled client is still assigned",
+    "user-in-default": "a `user` client (changing IPs) assigned in the default environment",
+    "shared-client": f"a client assigned to more than {SHARED_ROUTES_LIMIT} routes",
+    "no-description": "a client without a description",
+    "open-route": "a route with requires_clients: false",
+    "open-forward": "an open route with neither target_base_url nor match: it forwards wherever the caller asks",
+    "duplicate-range": "the same range twice, or a range inside another, in one client",
+    "overlapping-range": "ranges of different clients overlap",
+    "trusted-proxies": "trusted_proxies holding every address (error) or a very wide range (warning)",
+    "test-key": "an enabled test key (it skips the client check outside the default environment)",
+}
+
+
+@dataclass(frozen=True, order=True)
+class Finding:
+    location: Location
+    severity: Severity
+    rule: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.severity}[{self.rule}] {self.message}"
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "file": self.location.file,
+            "line": self.location.line,
+            "severity": self.severity,
+            "rule": self.rule,
+            "message": self.message,
+        }
+
+
+def lint(config: Config) -> list[Finding]:
+    """Every finding for ``config``, sorted by file and line."""
+    findings: list[Finding] = []
+    findings += _client_rules(config)
+    findings += _route_rules(config)
+    findings += _range_rules(config)
+    findings += _trusted_proxy_rules(config)
+    findings += [
+        Finding(
+            key.location,
+            "warning",
+            "test-key",
+            f'API key "{key.name}" is a test key: it skips the client check outside the default environment',
+        )
+        for key in config.api_keys.values()
+        if key.type == "test" and key.enabled
+    ]
+    return sorted(findings)
+
+
+def _client_rules(config: Config) -> list[Finding]:
+    default_env = config.settings.default_environment
+    routes_of: dict[str, set[str]] = defaultdict(set)
+    for assignment in config.assignments:
+        for name in assignment.clients:
+            routes_of[name].add(assignment.route)
+    in_default: set[str] = {name for a in config.assignments if a.environment == default_env for name in a.clients}
+    findings: list[Finding] = []
+    for a in config.assignments:
+        for name in a.clients:
+            client = config.clients[name]
+            if not client.enabled:
+                findings.append(
+                    Finding(
+                        a.location,
+                        "warning",
+                        "disabled-assigned",
+                        f'client "{name}" is disabled but still assigned to {a.route} in {a.environment}; '
+                        "remove the assignment (or the client)",
+                    )
+                )
+            if client.type == "user" and a.environment == default_env:
+                findings.append(
+                    Finding(
+                        a.location,
+                        "warning",
+                        "user-in-default",
+                        f'user client "{name}" (changing IPs) is assigned to {a.route} in the default environment '
+                        f"{default_env}; prefer server clients there",
+                    )
+                )
+    for client in config.clients.values():
+        where = client.location
+        for network in client.networks:
+            if network.prefixlen == 0:
+                assigned_default = client.name in in_default and client.enabled
+                severity: Severity = "error" if assigned_default else "warning"
+                scope = f", and it is assigned in the default environment {default_env}" if assigned_default else ""
+                message = f'client "{client.name}" allows {network}: every address{scope}'
+                findings.append(Finding(where, severity, "open-range", message))
+            elif network.prefixlen < WIDE_PREFIX[network.version]:
+                findings.append(
+                    Finding(
+                        where,
+                        "warning",
+                        "wide-range",
+                        f'client "{client.name}" allows {network} ({network.num_addresses:,} addresses); '
+                        f"narrow it to the addresses really used",
+                    )
+                )
+        routes = routes_of.get(client.name, set())
+        if not routes:
+            state = "disabled and " if not client.enabled else ""
+            findings.append(
+                Finding(
+                    where,
+                    "warning",
+                    "unused-client",
+                    f'client "{client.name}" is {state}assigned to no route; remove it if it is no longer needed',
+                )
+            )
+        elif len(routes) > SHARED_ROUTES_LIMIT:
+            findings.append(
+                Finding(
+                    where,
+                    "warning",
+                    "shared-client",
+                    f'client "{client.name}" is assigned to {len(routes)} routes (more than {SHARED_ROUTES_LIMIT}); '
+                    "one client per caller and purpose limits what a leaked address can reach",
+                )
+            )
+        if not client.description.strip():
+            findings.append(
+                Finding(
+                    where,
+                    "warning",
+                    "no-description",
+                    f'client "{client.name}" has no description; say whose addresses these are',
+                )
+            )
+    return findings
+
+
+def _route_rules(config: Config) -> list[Finding]:
+    findings: list[Finding] = []
+    for route in config.routes.values():
+        if route.requires_clients:
+            continue
+        state = "" if route.enabled else " (disabled)"
+        findings.append(
+            Finding(
+                route.location,
+                "warning",
+                "open-route",
+                f'route "{route.name}"{state} has requires_clients: false: any address may call it',
+            )
+        )
+        if route.enabled and route.match is None:
+            untargeted = [env for env in config.environments if route.target_for(env) is None]
+            if untargeted:
+                findings.append(
+                    Finding(
+                        route.location,
+                        "error",
+                        "open-forward",
+                        f'open route "{route.name}" has neither target_base_url nor match: in '
+                        f"{', '.join(untargeted)} it forwards any caller to wherever the request names",
+                    )
+                )
+    return findings
+
+
+def _trusted_proxy_rules(config: Config) -> list[Finding]:
+    """A trusted proxy's X-Forwarded-For is believed: trusting every address lets any caller pick its IP.
+
+    Settings carry no line in the model, so these findings name the config folder.
+    """
+    where = Location(config.folder, 0)
+    header = config.settings.client_ip_header
+    findings: list[Finding] = []
+    for network in config.settings.trusted_proxies:
+        if network.prefixlen == 0:
+            findings.append(
+                Finding(
+                    where,
+                    "error",
+                    "trusted-proxies",
+                    f"trusted_proxies holds {network}: any caller can choose its client IP with {header}",
+                )
+            )
+        elif network.prefixlen < WIDE_PREFIX[network.version]:
+            findings.append(
+                Finding(
+                    where,
+                    "warning",
+                    "trusted-proxies",
+                    f"trusted_proxies holds {network} ({network.num_addresses:,} addresses): each of them can choose "
+                    f"its client IP with {header}; list only your proxies",
+                )
+            )
+    return findings
+
+
+def _range_rules(config: Config) -> list[Finding]:
+    """Duplicate and nested ranges, by one sort and a stack per address family.
+
+    CIDR ranges never partly overlap: two are either disjoint or one contains the other.
+    Sorted by start (widest first), each range overlaps exactly the ranges still open on
+    the stack, and the innermost of those is on top. Findings are grouped per pair of
+    clients, so that 100k nested ranges give one line per pair, not 100k.
+    """
+    entries: list[tuple[int, int, int, int, Client, IPNetwork]] = []
+    for order, client in enumerate(config.clients.values()):
+        for network in client.networks:
+            start = int(network.network_address)
+            end = int(network.broadcast_address)
+            entries.append((network.version, start, -end, order, client, network))
+    entries.sort(key=lambda e: e[:4])
+    # (inner client, outer client) -> (count, inner network, outer network, same range?)
+    pairs: dict[tuple[str, str], list] = {}
+    stack: list[tuple[int, int, Client, IPNetwork]] = []
+    version = 0
+    for family, start, neg_end, _, client, network in entries:
+        end = -neg_end
+        if family != version:
+            stack.clear()
+            version = family
+        while stack and stack[-1][1] < start:
+            stack.pop()
+        if stack:
+            _, _, outer_client, outer_network = stack[-1]
+            same = outer_network == network
+            key = (client.name, outer_client.name)
+            if key in pairs:
+                pairs[key][0] += 1
+            else:
+                pairs[key] = [1, network, outer_network, same]
+        stack.append((start, end, client, network))
+    findings: list[Finding] = []
+    for (inner_name, outer_name), (count, inner, outer, same) in pairs.items():
+        more = f" (and {count - 1} more)" if count > 1 else ""
+        inner_client = config.clients[inner_name]
+        if inner_name == outer_name:
+            what = f"lists {inner} twice" if same else f"lists {inner} inside its own {outer}"
+            findings.append(
+                Finding(inner_client.location, "warning", "duplicate-range", f'client "{inner_name}" {what}{more}')
+            )
+        else:
+            relation = "the same range as" if same else "inside"
+            outer_client = config.clients[outer_name]
+            findings.append(
+                Finding(
+                    inner_client.location,
+                    "warning",
+                    "overlapping-range",
+                    f'client "{inner_name}" range {inner} is {relation} client "{outer_name}" range {outer} '
+                    f"({outer_client.location}){more}",
+                )
+            )
+    return findings
