@@ -72,6 +72,10 @@ DOCUMENTS = [
     "'unterminated\n",
     "x: !!binary aGVsbG8=\n",
     "= : 1\n",
+    "1: a\ntrue: b\n~: c\n2001-12-14: d\n0o17: e\n",  # non-string keys
+    "a: 1\n'a': 2\n",  # duplicate through quoting
+    "1: a\n1.0: b\n",  # duplicate: 1 == 1.0
+    "x: [a, {b: [c, d]}, []]\ny: {}\nz: !!null ''\n",
 ]
 
 
