@@ -62,13 +62,21 @@ _MISSING = object()
 
 def load_config(folder: str | Path) -> Config:
     """Read, validate and return the config in ``folder``; raise ConfigError otherwise."""
+    global _last_networks
     path = Path(folder)
-    sources, version = read_folder(path)
-    builder = _Builder()
+    sources, version = read_folder(path, reuse=True)
+    builder = _Builder(_last_networks)
     for source in sources:
         builder.add_file(source.data, str(source.path))
     config = builder.build(version=version, folder=str(path), files=tuple(str(s.path) for s in sources))
+    _last_networks = builder.parsed_networks  # one assignment: safe with loads in other threads
     return config
+
+
+# Address strings of the last successful load and their networks: the next load (a
+# reload) takes the same objects instead of parsing 100k addresses again, which also
+# lets Policy reuse its range index when no client's networks changed.
+_last_networks: dict[str, tuple[IPNetwork, ...]] = {}
 
 
 def parse_networks(value: str, where: Location) -> list[IPNetwork]:
@@ -146,7 +154,9 @@ def parse_network(text: str) -> IPNetwork:
 class _Builder:
     """Collects the files' sections, then validates them into one Config."""
 
-    def __init__(self) -> None:
+    def __init__(self, known_networks: dict[str, tuple[IPNetwork, ...]] | None = None) -> None:
+        self.known_networks = known_networks or {}  # address strings already parsed (by the last load)
+        self.parsed_networks: dict[str, tuple[IPNetwork, ...]] = {}  # those of this load
         self.problems: list[Problem] = []
         self.settings: dict[str, tuple[Any, Location]] = {}
         self.lists: dict[str, list[tuple[Any, Location]]] = {
@@ -358,10 +368,15 @@ class _Builder:
             if not isinstance(part, str):
                 self.error(part_where, f"{what}: {part!r} must be a string like '10.0.0.0/8'")
                 continue
-            try:
-                networks.extend(parse_networks(part, part_where))
-            except ConfigError as e:
-                self.problems.extend(e.problems)
+            parsed = self.known_networks.get(part)
+            if parsed is None:
+                try:
+                    parsed = tuple(parse_networks(part, part_where))
+                except ConfigError as e:
+                    self.problems.extend(e.problems)
+                    continue
+            self.parsed_networks[part] = parsed
+            networks.extend(parsed)
         return networks
 
     def _environment(self, entry: LocatedDict, name: str) -> Environment:

@@ -14,7 +14,7 @@ from urllib.parse import unquote
 
 from knoxcall_addon.ipmatch import RangeIndex
 from knoxcall_addon.loader import load_config
-from knoxcall_addon.model import ApiKey, Config, ConfigError, Problem, Route
+from knoxcall_addon.model import ApiKey, Config, ConfigError, IPNetwork, Problem, Route
 
 
 @dataclass(frozen=True)
@@ -117,11 +117,7 @@ class Policy:
         self.config = config
         self.version = config.version
         self.settings = config.settings
-        order = {name: i for i, name in enumerate(config.clients)}
-        self.clients_by_ip: RangeIndex[str] = RangeIndex(
-            ((network, client.name) for client in config.clients.values() for network in client.networks),
-            order=order,
-        )
+        self.clients_by_ip: RangeIndex[str] = _client_index(config)
         self.trusted_proxies: RangeIndex[bool] = RangeIndex((n, True) for n in config.settings.trusted_proxies)
         self.enabled_clients = frozenset(c.name for c in config.clients.values() if c.enabled)
         self.access: dict[tuple[str, str], RouteAccess] = {}
@@ -143,6 +139,26 @@ class Policy:
 
 
 _NO_ACCESS = RouteAccess(frozenset(), frozenset())
+
+# The last client index built, and what it was built from: an index depends only on
+# the clients' names, order and networks, and is never changed, so a reload that
+# leaves those alone (most edits) takes it as it is.
+_last_client_index: tuple[tuple[tuple[str, tuple[IPNetwork, ...]], ...], RangeIndex[str]] | None = None
+
+
+def _client_index(config: Config) -> RangeIndex[str]:
+    global _last_client_index
+    key = tuple((client.name, client.networks) for client in config.clients.values())
+    last = _last_client_index
+    if last is not None and last[0] == key:
+        return last[1]
+    order = {name: i for i, name in enumerate(config.clients)}
+    index: RangeIndex[str] = RangeIndex(
+        ((network, client.name) for client in config.clients.values() for network in client.networks),
+        order=order,
+    )
+    _last_client_index = (key, index)  # one assignment: safe with loads in other threads
+    return index
 
 
 def load_policy(folder: str | Path) -> Policy:

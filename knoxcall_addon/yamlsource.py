@@ -223,8 +223,20 @@ def config_files(folder: Path) -> list[Path]:
     )
 
 
-def read_folder(folder: Path) -> tuple[list[SourceFile], str]:
-    """Read and parse every config file; return them and a short hash of their contents."""
+# The last parse of each file read with ``reuse=True``, by content: a reload that
+# changes one small file of a large config parses only that file again. Only
+# load_config asks for it, and its builder never changes the values it reads.
+_last_parse: dict[str, tuple[bytes, Any]] = {}
+
+
+def read_folder(folder: Path, *, reuse: bool = False) -> tuple[list[SourceFile], str]:
+    """Read and parse every config file; return them and a short hash of their contents.
+
+    ``reuse``: take a file's values from the last such read when its content is the same
+    (the values are then shared: callers must not change them).
+    """
+    global _last_parse
+    parsed: dict[str, tuple[bytes, Any]] = {}
     problems: list[Problem] = []
     sources: list[SourceFile] = []
     digest = hashlib.sha256()
@@ -242,9 +254,18 @@ def read_folder(folder: Path) -> tuple[list[SourceFile], str]:
             problems.append(Problem(Location(str(path), line), "file is not valid UTF-8"))
             continue
         try:
-            sources.append(SourceFile(path, text, parse_yaml(text, str(path))))
+            if reuse:
+                content = hashlib.sha256(raw).digest()
+                last = _last_parse.get(str(path))
+                data = last[1] if last is not None and last[0] == content else parse_yaml(text, str(path))
+                parsed[str(path)] = (content, data)
+            else:
+                data = parse_yaml(text, str(path))
+            sources.append(SourceFile(path, text, data))
         except ConfigError as e:
             problems.extend(e.problems)
+    if reuse:
+        _last_parse = parsed  # one assignment: safe with loads in other threads
     if problems:
         raise ConfigError(problems)
     return sources, digest.hexdigest()[:12]
