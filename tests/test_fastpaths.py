@@ -234,3 +234,37 @@ def test_normalize_path_fast_path_agrees_with_the_full_steps() -> None:
         if rng.random() < 0.7:
             path = "/" + path
         assert normalize_path(path) == full(path), path
+
+
+def test_decide_builds_the_same_decision_objects_as_the_constructor(tmp_path) -> None:
+    """decide() builds its Decisions without the dataclass __init__ (for speed): same objects."""
+    import dataclasses
+
+    from benchmarks.bench import make_facts
+    from benchmarks.configgen import BENCH_ROUTE, generate
+    from knoxcall_addon.decision import Decision, RequestFacts, decide
+    from knoxcall_addon.policy import load_policy
+
+    gen = generate(tmp_path / "cfg", clients=40, ranges=400, routes=12)
+    policy = load_policy(gen.folder)
+    facts = [
+        *make_facts(gen, 600),
+        RequestFacts(peer="127.0.0.1", route="no-such-route"),
+        RequestFacts(peer="127.0.0.1", route=BENCH_ROUTE, environment="nowhere"),
+        RequestFacts(peer="not an ip", route=BENCH_ROUTE),
+        RequestFacts(peer="127.0.0.1", route="route-0000", host="api0.example.com", path="/r0", method="PATCH"),
+        RequestFacts(peer="127.0.0.1", route=BENCH_ROUTE, api_key="unknown"),
+        RequestFacts(peer="127.0.0.1", host="unmatched.example", path="/"),
+    ]
+    reasons = set()
+    for f in facts:
+        got = decide(policy, f)
+        reasons.add(got.reason)
+        built = Decision(**{field.name: getattr(got, field.name) for field in dataclasses.fields(Decision)})
+        assert got == built
+        assert repr(got) == repr(built)
+        assert list(vars(got).items()) == list(vars(built).items())
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            got.allowed = not got.allowed  # type: ignore[misc]
+    assert {"client", "client_not_assigned", "ip_not_whitelisted", "route_not_found", "environment_not_found",
+            "method_not_allowed", "invalid_api_key"} <= reasons  # fmt: skip
