@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
+from knoxcall_addon import loader, yamlsource
 from knoxcall_addon.ipmatch import RangeIndex
 from knoxcall_addon.loader import load_config
 from knoxcall_addon.model import ApiKey, Config, ConfigError, IPNetwork, Problem, Route
@@ -144,6 +145,14 @@ _NO_ACCESS = RouteAccess(frozenset(), frozenset())
 # the clients' names, order and networks, and is never changed, so a reload that
 # leaves those alone (most edits) takes it as it is.
 _last_client_index: tuple[tuple[tuple[str, tuple[IPNetwork, ...]], ...], RangeIndex[str]] | None = None
+
+
+def forget_previous_load() -> None:
+    """Make the next load start from scratch (what a fresh process does); for measurements and tests."""
+    global _last_client_index
+    _last_client_index = None
+    loader._last_networks = {}
+    yamlsource._last_parse = {}
 
 
 def _client_index(config: Config) -> RangeIndex[str]:

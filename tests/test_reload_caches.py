@@ -22,9 +22,8 @@ BASE = {
 
 def fresh(folder: Path) -> policy.Policy:
     """A load with nothing to reuse."""
-    yamlsource._last_parse = {}
-    loader._last_networks = {}
-    policy._last_client_index = None
+    policy.forget_previous_load()
+    assert not yamlsource._last_parse and not loader._last_networks and policy._last_client_index is None
     return load_policy(folder)
 
 
