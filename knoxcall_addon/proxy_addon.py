@@ -6,11 +6,13 @@ so every hook catches its own errors and denies.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,6 +22,7 @@ from mitmproxy.net.dns import response_codes as dns_response_codes
 from mitmproxy.proxy import mode_specs, server_hooks
 
 from knoxcall_addon.accesslog import AccessLog, utc_timestamp
+from knoxcall_addon.configdiff import diff_configs
 from knoxcall_addon.decision import (
     ENVIRONMENT_HEADER,
     HEADER_PREFIX,
@@ -35,6 +38,7 @@ from knoxcall_addon.decision import (
 from knoxcall_addon.explain import explain_text
 from knoxcall_addon.model import ConfigError
 from knoxcall_addon.policy import Policy, load_policy
+from knoxcall_addon.reloader import HotReload
 
 logger = logging.getLogger("knoxcall")
 
@@ -81,6 +85,9 @@ class KnoxCall:
         self.current: LoadedPolicy | None = None
         self.access_log: AccessLog | None = None
         self._pending: set[str] = set()  # ids of HTTP flows decided but not yet access-logged
+        self.reload = HotReload(self.install, lambda: self.current.policy if self.current else None)
+        self._reload_enabled = True
+        self._running = False
         self.uninspected_tunnels = False  # ignore_hosts/allow_hosts: some tunnels are never inspected
         self._refused: set[str] = set()  # ids of client connections whose raw flows were refused
 
@@ -102,17 +109,36 @@ class KnoxCall:
             "",
             "File to append one JSON line per request to; empty for none.",
         )
+        loader.add_option(
+            "knoxcall_reload",
+            bool,
+            True,
+            "Watch the config folder and put valid edits in force without a restart.",
+        )
 
     def configure(self, updated: set[str]) -> None:
+        repoint = False
         if "knoxcall_config" in updated:
             folder = ctx.options.knoxcall_config
-            try:
-                policy = load_policy(folder)
-            except ConfigError as e:
-                # At start this makes mitmproxy log an error and exit; later it rolls
-                # the option back, so the previous policy stays in force.
-                raise exceptions.OptionsError(f"knoxcall: invalid config in {folder}:\n{e}") from None
-            self.install(policy)
+            # Unchanged folder (e.g. mitmproxy rolling back a failed change): keep the
+            # policy in force; the watcher and knoxcall.reload handle its edits.
+            if self.current is None or str(Path(folder)) != self.current.policy.config.folder:
+                try:
+                    policy = load_policy(folder)
+                except ConfigError as e:
+                    # At start this makes mitmproxy log an error and exit; later it rolls
+                    # the option back, so the previous policy stays in force.
+                    raise exceptions.OptionsError(f"knoxcall: invalid config in {folder}:\n{e}") from None
+                previous = self.current.policy.config if self.current else None
+                note = f"was {previous.version}: {diff_configs(previous, policy.config).summary()}" if previous else ""
+                self.install(policy, note)
+                self.reload.set_folder(folder, policy)
+                repoint = True
+        if "knoxcall_reload" in updated:
+            self._reload_enabled = ctx.options.knoxcall_reload
+            repoint = True
+        if repoint and self._running:
+            self._start_watcher()
         if "ignore_hosts" in updated or "allow_hosts" in updated:
             # Ignored hosts' tunnels carry raw TCP that no addon hook ever sees, so a
             # CONNECT can no longer count on the requests inside being decided.
@@ -127,20 +153,68 @@ class KnoxCall:
                 except OSError as e:
                     raise exceptions.OptionsError(f"knoxcall: cannot open access log: {e}") from None
 
-    def install(self, policy: Policy) -> None:
-        """Put a compiled policy in force: one reference assignment."""
+    def install(self, policy: Policy, note: str = "") -> None:
+        """Put a compiled policy in force: one reference assignment (on the event loop).
+
+        ``note`` (what changed, from the reload) is appended to the log line, which
+        stays one line: the event log is the audit trail of policy changes.
+        """
         self.current = LoadedPolicy(policy, time.time())
         config = policy.config
         logger.info(
             f"knoxcall: config {policy.version} loaded from {config.folder}: "
             f"{len(config.clients)} clients, {len(policy.clients_by_ip)} ranges, "
             f"{len(config.routes)} routes, {len(config.environments)} environments, "
-            f"{len(config.assignments)} assignments"
+            f"{len(config.assignments)} assignments" + (f"; {note}" if note else "")
         )
+
+    def running(self) -> None:
+        """Only now start watching: an error logged during startup would make mitmproxy exit."""
+        self._running = True
+        self._start_watcher()
+
+    def _start_watcher(self) -> None:
+        try:
+            self.reload.stop()
+            if self._reload_enabled:
+                self.reload.start(asyncio.get_running_loop())
+        except Exception:
+            # WARNING, not ERROR: at startup an ERROR makes mitmproxy exit; the policy
+            # in force is fine, only edits need knoxcall.reload now.
+            logger.warning("knoxcall: cannot watch the config folder; use knoxcall.reload after edits", exc_info=True)
+            self.reload.stop()
+
+    @command.command("knoxcall.reload")
+    def reload_command(self) -> str:
+        """Reload the config folder now; says what changed, or why nothing did."""
+        try:
+            message = self.reload.reload_now()
+        except Exception as e:
+            logger.exception("knoxcall: reload failed; the config in force is unchanged")
+            message = f"reload failed, config in force unchanged: {type(e).__name__}: {e}"
+        return f"knoxcall: {message}"
+
+    @command.command("knoxcall.status")
+    def status_command(self) -> str:
+        """Config folder, version, counts, hot reload state and the last reload error."""
+        lines = status_lines(self.current, self.reload, self._reload_enabled)
+        monitor = ctx.master.addons.get("connectivitymonitor")
+        monitor_lines = getattr(monitor, "status_lines", None)
+        if callable(monitor_lines):
+            try:
+                lines.extend(monitor_lines())
+            except Exception as e:
+                lines.append(f"connectivity monitor: status unavailable ({type(e).__name__}: {e})")
+        return "\n".join(lines)
 
     def done(self) -> None:
         for handler in logging.getLogger().handlers:
             handler.removeFilter(_SKIP_LEGACY)
+        self._running = False
+        try:
+            self.reload.stop()
+        except Exception:
+            logger.warning("knoxcall: stopping the config watcher failed", exc_info=True)
         if self.access_log:
             self.access_log.close()
             self.access_log = None
@@ -340,6 +414,36 @@ class KnoxCall:
             self.access_log.write(record)
         except Exception:
             logger.exception("knoxcall: cannot write the access log")
+
+
+def status_lines(current: LoadedPolicy | None, reload: HotReload, enabled: bool = True) -> list[str]:
+    """What ``knoxcall.status`` says about the config, one fact per line."""
+    if current is None:
+        return ["knoxcall: no config loaded (every request is denied)"]
+    policy, config = current.policy, current.policy.config
+    age = max(0, round(time.time() - current.loaded_at))
+    if reload.watching and reload.watcher is not None and reload.watcher.watched:
+        watching = "on, watching " + ", ".join(str(p) for p in reload.watcher.watched)
+    elif reload.watching:
+        watching = "on, but the folder cannot be watched (see the event log); use knoxcall.reload after edits"
+    elif enabled:
+        watching = "off: the watcher could not start (see the event log); use knoxcall.reload after edits"
+    else:
+        watching = "off (knoxcall_reload=false); use knoxcall.reload after edits"
+    lines = [
+        f"knoxcall: config folder {config.folder} ({len(config.files)} files)",
+        f"version: {policy.version}, loaded {utc_timestamp(current.loaded_at)} ({age} s ago)",
+        f"counts: {len(config.clients)} clients, {len(policy.clients_by_ip)} ranges, {len(config.routes)} routes, "
+        f"{len(config.environments)} environments, {len(config.assignments)} assignments, "
+        f"{len(config.api_keys)} api keys",
+        f"hot reload: {watching}; {reload.reloads} reloads since start",
+    ]
+    if reload.last_error:
+        when = utc_timestamp(reload.last_error_at) if reload.last_error_at else "?"
+        lines.append(f"last reload error ({when}, still serving {policy.version}): {reload.last_error}")
+    else:
+        lines.append("last reload error: none")
+    return lines
 
 
 def _decided_at_connect(client: connection.Client) -> bool:

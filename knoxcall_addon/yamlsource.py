@@ -246,7 +246,7 @@ def read_folder(folder: Path, *, reuse: bool = False) -> tuple[list[SourceFile],
         except OSError as e:
             problems.append(Problem(Location(str(path), 0), f"cannot read file: {e.strerror}"))
             continue
-        digest.update(path.name.encode() + b"\0" + raw + b"\0")
+        _hash_file(digest, path, raw)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -269,3 +269,24 @@ def read_folder(folder: Path, *, reuse: bool = False) -> tuple[list[SourceFile],
     if problems:
         raise ConfigError(problems)
     return sources, digest.hexdigest()[:12]
+
+
+def folder_version(folder: Path) -> str:
+    """The version `read_folder` would give the folder's current files, without parsing them.
+
+    Hot reload compares it with the version in force to skip loads that would change
+    nothing (an editor's swap file, a touch, a revert of an invalid edit).
+    """
+    digest = hashlib.sha256()
+    for path in config_files(folder):
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            raw = b"\0unreadable\0"
+        _hash_file(digest, path, raw)
+    return digest.hexdigest()[:12]
+
+
+def _hash_file(digest: Any, path: Path, raw: bytes) -> None:
+    """One file's share of the config version (shared by read_folder and folder_version)."""
+    digest.update(path.name.encode() + b"\0" + raw + b"\0")
