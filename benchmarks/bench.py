@@ -339,6 +339,8 @@ def bench_e2e(large: Generated, work: Path, quick: bool, connections: int, rss: 
             rss["addon_start_kib"] = vm_rss_kib(addon_pid)
             variants = {"bare": (bare_port, bare_pid), "noop": (noop_port, noop_pid), "addon": (addon_port, addon_pid)}
             runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+            for port, _ in variants.values():
+                run_load(port, connections, 1.0)  # an unmeasured round each: first-use costs out of the way
             for i in range(rounds):
                 names = list(variants)
                 order = names[i % 3 :] + names[: i % 3]  # rotate, so that no variant always goes first
