@@ -10,6 +10,7 @@ import difflib
 import ipaddress
 import posixpath
 import re
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,15 +63,23 @@ _MISSING = object()
 
 def load_config(folder: str | Path) -> Config:
     """Read, validate and return the config in ``folder``; raise ConfigError otherwise."""
+    global _last_networks
     path = Path(folder)
-    sources, version = read_folder(path)
+    sources, version = read_folder(path, reuse=True)
     if not sources:
         raise ConfigError([Problem(Location(str(path), 0), "no config files (*.yaml, *.yml) in this folder")])
-    builder = _Builder()
+    builder = _Builder(_last_networks)
     for source in sources:
         builder.add_file(source.data, str(source.path))
     config = builder.build(version=version, folder=str(path), files=tuple(str(s.path) for s in sources))
+    _last_networks = builder.parsed_networks  # one assignment: safe with loads in other threads
     return config
+
+
+# Address strings of the last successful load and their networks: the next load (a
+# reload) takes the same objects instead of parsing 100k addresses again, which also
+# lets Policy reuse its range index when no client's networks changed.
+_last_networks: dict[str, tuple[IPNetwork, ...]] = {}
 
 
 def parse_networks(value: str, where: Location) -> list[IPNetwork]:
@@ -91,8 +100,39 @@ def parse_networks(value: str, where: Location) -> list[IPNetwork]:
     return networks
 
 
+_PLAIN_IPV4_NETWORK = re.compile(
+    r"^((?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9]))"
+    r"(?:/(3[0-2]|[12]?[0-9]))?$"
+)
+_PLAIN_IPV6_NETWORK = re.compile(r"^([0-9A-Fa-f:]+)(?:/(12[0-8]|1[01][0-9]|[1-9]?[0-9]))?$")
+
+
+def _parse_plain_network(text: str) -> IPNetwork | None:
+    """The common well-formed cases, ~3x faster than ``ip_network(text)`` (100k ranges load in
+    well under a second). Anything unusual returns None and takes the full path below, which
+    gives the same result for what this accepts and the error messages for what it does not."""
+    if m := _PLAIN_IPV4_NETWORK.match(text):
+        value = int.from_bytes(socket.inet_aton(m[1]))
+        prefix = int(m[2]) if m[2] is not None else 32
+        if value & ((1 << (32 - prefix)) - 1):
+            return None
+        return ipaddress.IPv4Network((value, prefix))
+    if m := _PLAIN_IPV6_NETWORK.match(text):
+        try:
+            value = int.from_bytes(socket.inet_pton(socket.AF_INET6, m[1]))
+        except OSError:
+            return None
+        prefix = int(m[2]) if m[2] is not None else 128
+        if value & ((1 << (128 - prefix)) - 1) or (prefix >= 96 and value >> 32 == 0xFFFF):
+            return None  # host bits, or IPv4-mapped: the full path handles those
+        return ipaddress.IPv6Network((value, prefix))
+    return None
+
+
 def parse_network(text: str) -> IPNetwork:
     """One IP or CIDR, strict about host bits; IPv4-mapped IPv6 becomes IPv4."""
+    if (fast := _parse_plain_network(text)) is not None:
+        return fast
     if "%" in text:
         raise ValueError(f"{text!r}: zone indexes (%...) are not allowed in config")
     try:
@@ -117,7 +157,9 @@ def parse_network(text: str) -> IPNetwork:
 class _Builder:
     """Collects the files' sections, then validates them into one Config."""
 
-    def __init__(self) -> None:
+    def __init__(self, known_networks: dict[str, tuple[IPNetwork, ...]] | None = None) -> None:
+        self.known_networks = known_networks or {}  # address strings already parsed (by the last load)
+        self.parsed_networks: dict[str, tuple[IPNetwork, ...]] = {}  # those of this load
         self.problems: list[Problem] = []
         self.settings: dict[str, tuple[Any, Location]] = {}
         self.lists: dict[str, list[tuple[Any, Location]]] = {
@@ -331,10 +373,15 @@ class _Builder:
             if not isinstance(part, str):
                 self.error(part_where, f"{what}: {part!r} must be a string like '10.0.0.0/8'{_quote_hint(part)}")
                 continue
-            try:
-                networks.extend(parse_networks(part, part_where))
-            except ConfigError as e:
-                self.problems.extend(e.problems)
+            parsed = self.known_networks.get(part)
+            if parsed is None:
+                try:
+                    parsed = tuple(parse_networks(part, part_where))
+                except ConfigError as e:
+                    self.problems.extend(e.problems)
+                    continue
+            self.parsed_networks[part] = parsed
+            networks.extend(parsed)
         return networks
 
     def _environment(self, entry: LocatedDict, name: str) -> Environment:

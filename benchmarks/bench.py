@@ -1,0 +1,574 @@
+"""scripts/bench: how fast KnoxCall decides, and what it costs mitmdump, at large config sizes.
+
+Sections (``--sections``, default all):
+
+- ``micro``: ``decision.decide`` on prebuilt ``RequestFacts`` (allowed and denied mixed),
+  per-decision time at 100, 10,000 and 100,000 ranges, against a naive linear scan.
+- ``e2e``: requests/s and latency through bare mitmdump and mitmdump with the addon and
+  the large config, alternated round by round in one run; plus the load generator alone.
+- ``load``: load+compile time of the large config, and the resident memory of mitmdump
+  with it against bare mitmdump.
+- ``reload``: time from a config file write to the new policy deciding a request.
+
+Everything runs on loopback; every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import ipaddress
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.configgen import BENCH_ROUTE, ENVIRONMENTS, Generated, bench_file, generate
+from knoxcall_addon.decision import RequestFacts, decide
+from knoxcall_addon.policy import Policy, forget_previous_load, load_policy
+
+ROOT = Path(__file__).resolve().parent.parent
+ADDON = ROOT / "knoxcall_addon" / "addon.py"
+NOOP_ADDON = ROOT / "benchmarks" / "noop_addon.py"
+BIN = Path(sys.executable).parent
+SECTIONS = ("micro", "e2e", "load", "reload")
+# the same for bare and addon runs: reverse mode, lazy upstream connections, quiet terminal
+MITM_FLAGS = ["--set", "connection_strategy=lazy", "--set", "keep_host_header=true",
+              "--set", "termlog_verbosity=warn", "--set", "flow_detail=0"]  # fmt: skip
+
+
+@dataclass
+class Sizes:
+    clients: int = 10_000
+    ranges: int = 100_000
+    routes: int = 1_000
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(sorted_values: list[int] | list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))]
+
+
+def vm_rss_kib(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU time of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_port(port: int, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port} after {timeout}s")
+
+
+def wait_answer(port: int, process: subprocess.Popen, timeout: float) -> None:
+    """Until a request through mitmdump is answered 200 (bare: the upstream; addon: allowed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"mitmdump exited with {process.returncode}")
+        try:
+            if status_of(port) == 200:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"mitmdump on {port} did not answer 200 within {timeout}s")
+
+
+def status_of(port: int, path: str = "/ready") -> int:
+    """The status of one request through the proxy, on a fresh connection."""
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nx-knoxcall-route: {BENCH_ROUTE}\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request.encode())
+        head = s.recv(64)
+    return int(head[9:12])
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+@contextmanager
+def upstream_process() -> Iterator[int]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.loadgen", "upstream", "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE
+    )
+    try:
+        wait_port(port, proc)
+        yield port
+    finally:
+        stop(proc)
+
+
+@contextmanager
+def mitmdump(
+    upstream_port: int, config: Path | None, log: Path, extra: list[str] = (), script: Path = ADDON
+) -> Iterator[tuple[int, int]]:
+    """(port, pid) of a mitmdump in reverse mode; with ``script`` when ``config`` is given."""
+    port = free_port()
+    flags = [*MITM_FLAGS, *extra]
+    if "termlog_verbosity=info" in extra:  # mitmdump refuses an option set twice
+        i = flags.index("termlog_verbosity=warn")
+        del flags[i - 1 : i + 1]
+    args = [str(BIN / "mitmdump"), "--mode", f"reverse:http://127.0.0.1:{upstream_port}",
+            "--listen-host", "127.0.0.1", "-p", str(port), *flags]  # fmt: skip
+    if config is not None:
+        args += ["-s", str(script)]
+        if script == ADDON:
+            args += ["--set", f"knoxcall_config={config}"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_port(port, proc, timeout=120)
+            wait_answer(port, proc, timeout=120)  # the addon may still be loading its config
+            yield port, proc.pid
+        finally:
+            stop(proc)
+
+
+def run_load(port: int, connections: int, duration: float, warmup: float = 0.5) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.loadgen", "load", "--port", str(port), "--connections", str(connections),
+         "--duration", str(duration), "--warmup", str(warmup), "--headers", f"x-knoxcall-route: {BENCH_ROUTE}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=duration + warmup + 60, check=True,
+    )  # fmt: skip
+    return json.loads(out.stdout)
+
+
+# -- 1. decision microbenchmark ----------------------------------------------------------
+
+
+def _address_in(network: str, rng: random.Random) -> str:
+    net = ipaddress.ip_network(network)
+    return str(net.network_address + rng.randrange(net.num_addresses))
+
+
+def _random_address(rng: random.Random) -> str:
+    if rng.random() < 0.7:
+        return str(ipaddress.IPv4Address(rng.getrandbits(32)))
+    return str(ipaddress.IPv6Address(0x2000 << 112 | rng.getrandbits(125)))
+
+
+def make_facts(gen: Generated, count: int, seed: int = 7) -> list[RequestFacts]:
+    """Half aimed at a client assigned to the route (mostly allowed), half anywhere (mostly denied)."""
+    rng = random.Random(seed)
+    networks = dict(gen.clients)
+    facts = []
+    for i in range(count):
+        route = rng.choice(gen.routes)
+        env = rng.choice(ENVIRONMENTS)
+        if i % 2 == 0:
+            client = rng.choice(gen.assignments[(route, env)])
+            peer = _address_in(rng.choice(networks[client]), rng)
+        elif i % 6 == 1:
+            # inside some client, usually not assigned here: client_not_assigned
+            peer = _address_in(rng.choice(rng.choice(gen.clients)[1]), rng)
+        else:
+            peer = _random_address(rng)
+        n = int(route.rsplit("-", 1)[1])  # fits the route's match (see configgen)
+        facts.append(
+            RequestFacts(
+                peer=peer,
+                method="GET",
+                host=f"api{n % 50}.example.com",
+                path=f"/r{n}/{i}",
+                route=route,
+                environment=None if env == "production" else env,
+            )
+        )
+    return facts
+
+
+def naive_decider(policy: Policy) -> Callable[[RequestFacts], bool]:
+    """The reference: parse the peer with ipaddress and scan every network of every client."""
+    clients = [(c.name, c.enabled, list(c.networks)) for c in policy.config.clients.values()]
+    assigned = {(a.route, a.environment): set(a.clients) for a in policy.config.assignments}
+    default = policy.settings.default_environment
+
+    def allowed(facts: RequestFacts) -> bool:
+        ip = ipaddress.ip_address(facts.peer)
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        here = assigned.get((facts.route, facts.environment or default), set())
+        for name, enabled, networks in clients:
+            for network in networks:
+                if ip in network and enabled and name in here:
+                    return True
+        return False
+
+    return allowed
+
+
+def time_each(fn: Callable[[Any], Any], inputs: list[Any]) -> list[int]:
+    perf = time.perf_counter_ns
+    result = []
+    append = result.append
+    for item in inputs:
+        start = perf()
+        fn(item)
+        append(perf() - start)
+    return result
+
+
+def bench_micro(sizes: Sizes, large: Generated, work: Path, quick: bool) -> dict[str, Any]:
+    count = 4_000 if quick else 20_000
+    results = []
+    steps = [100, 10_000, sizes.ranges] if sizes.ranges > 10_000 else sorted({100, sizes.ranges})
+    for ranges in steps:
+        if ranges == sizes.ranges:
+            gen = large
+        else:
+            clients = max(1, round(sizes.clients * ranges / sizes.ranges))
+            gen = generate(work / f"micro-{ranges}", clients=clients, ranges=ranges, routes=sizes.routes)
+        policy = load_policy(gen.folder)
+        facts = make_facts(gen, count)
+        decide_one = lambda f, p=policy: decide(p, f)  # noqa: E731
+        time_each(decide_one, facts[: count // 4])  # warm up
+        # several passes; the median pass's percentiles, so that one burst of other
+        # load on the machine does not decide the figure
+        passes = []
+        for _ in range(1 if quick else 3):
+            gc.collect()
+            passes.append(sorted(time_each(decide_one, facts)))
+        p50s = sorted(percentile(t, 0.5) for t in passes)
+        p99s = sorted(percentile(t, 0.99) for t in passes)
+        start = time.perf_counter_ns()
+        for f in facts:
+            decide(policy, f)
+        loop_ns = time.perf_counter_ns() - start
+        decisions = [decide(policy, f) for f in facts]
+        allowed_share = sum(d.allowed for d in decisions) / len(decisions)
+        # naive: on fewer inputs at large sizes so that it finishes (~0.5 s budget per size)
+        naive = naive_decider(policy)
+        sample = facts[: max(20, min(count, 2_000_000 // max(1, len(policy.clients_by_ip))))]
+        gc.collect()
+        naive_timed = time_each(naive, sample)
+        mismatches = sum(naive(f) != d.allowed for f, d in zip(sample, decisions, strict=False))
+        naive_timed.sort()
+        results.append(
+            {
+                "ranges": len(policy.clients_by_ip),
+                "clients": len(policy.config.clients),
+                "decisions": len(facts),
+                "allowed_share": round(allowed_share, 3),
+                "decisions_per_s": round(len(facts) / (loop_ns / 1e9)),
+                "passes": len(passes),
+                "p50_us": p50s[len(p50s) // 2] / 1000,
+                "p99_us": p99s[len(p99s) // 2] / 1000,
+                "p99_us_per_pass": [round(p / 1000, 1) for p in p99s],
+                "naive_samples": len(sample),
+                "naive_p50_us": percentile(naive_timed, 0.5) / 1000,
+                "naive_p99_us": percentile(naive_timed, 0.99) / 1000,
+                "speedup_p50": round(percentile(naive_timed, 0.5) / max(1, p50s[len(p50s) // 2]), 1),
+                "naive_mismatches": mismatches,
+            }
+        )
+    flat = results[-1]["p99_us"] / results[0]["p99_us"] if results[0]["p99_us"] else None
+    return {
+        "gc": "enabled (as in mitmdump), gc.collect() before each timed pass; timer: perf_counter_ns per decision; "
+        "median of the passes",
+        "sizes": results,
+        "p99_growth_smallest_to_largest": round(flat, 2) if flat else None,
+    }
+
+
+# -- 2. end to end -----------------------------------------------------------------------
+
+
+def bench_e2e(large: Generated, work: Path, quick: bool, connections: int, rss: dict[str, Any]) -> dict[str, Any]:
+    rounds = 3 if quick else 6  # a multiple of 3: each variant goes first equally often
+    duration = 2.0 if quick else 3.0
+    result: dict[str, Any] = {"connections": connections, "rounds": rounds, "seconds_per_round": duration,
+                              "mitmdump_flags": " ".join(MITM_FLAGS)}  # fmt: skip
+    with upstream_process() as up:
+        result["generator_direct"] = run_load(up, connections, duration)
+        with (
+            mitmdump(up, None, work / "bare.log") as (bare_port, bare_pid),
+            mitmdump(up, large.folder, work / "noop.log", script=NOOP_ADDON) as (noop_port, noop_pid),
+            mitmdump(up, large.folder, work / "addon.log") as (addon_port, addon_pid),
+        ):
+            rss["bare_start_kib"] = vm_rss_kib(bare_pid)
+            rss["addon_start_kib"] = vm_rss_kib(addon_pid)
+            variants = {"bare": (bare_port, bare_pid), "noop": (noop_port, noop_pid), "addon": (addon_port, addon_pid)}
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+            for port, _ in variants.values():
+                run_load(port, connections, 1.0)  # an unmeasured round each: first-use costs out of the way
+            for i in range(rounds):
+                names = list(variants)
+                order = names[i % 3 :] + names[: i % 3]  # rotate, so that no variant always goes first
+                for name in order:
+                    port, pid = variants[name]
+                    cpu = cpu_seconds(pid)
+                    run = run_load(port, connections, duration)
+                    # CPU time per request is far less sensitive to other load on the machine
+                    # than requests/s: it counts what mitmdump spent, not what it got
+                    run["cpu_us_per_request"] = (cpu_seconds(pid) - cpu) * 1e6 / max(1, run["total_requests"])
+                    runs[name].append(run)
+            rss["bare_after_load_kib"] = vm_rss_kib(bare_pid)
+            rss["addon_after_load_kib"] = vm_rss_kib(addon_pid)
+    for name, rs in runs.items():
+        result[name] = {
+            "rps_per_round": [round(r["rps"]) for r in rs],
+            "rps": round(statistics.median(r["rps"] for r in rs)),
+            "p50_ms": round(statistics.median(r["p50_ms"] for r in rs), 3),
+            "p99_ms": round(statistics.median(r["p99_ms"] for r in rs), 3),
+            "errors": sum(r["error_count"] for r in rs),
+            "cpu_us_per_request": round(statistics.median(r["cpu_us_per_request"] for r in rs), 1),
+        }
+    # each round's pair is measured back to back: the median of the per-round ratios
+    # cancels most of the drift caused by other load on the machine
+    ratios = [a["rps"] / b["rps"] for a, b in zip(runs["addon"], runs["bare"], strict=True) if b["rps"]]
+    result["throughput_ratio_per_round"] = [round(r, 3) for r in ratios]
+    result["throughput_ratio"] = round(statistics.median(ratios), 3) if ratios else None
+    noop_ratios = [a["rps"] / b["rps"] for a, b in zip(runs["noop"], runs["bare"], strict=True) if b["rps"]]
+    result["noop_throughput_ratio"] = round(statistics.median(noop_ratios), 3) if noop_ratios else None
+    bare_cpu, addon_cpu = result["bare"]["cpu_us_per_request"], result["addon"]["cpu_us_per_request"]
+    result["cpu_ratio"] = round(bare_cpu / addon_cpu, 3) if addon_cpu else None
+    result["addon_cpu_us_per_request"] = round(addon_cpu - bare_cpu, 1)
+    result["noop_script_cpu_us_per_request"] = round(result["noop"]["cpu_us_per_request"] - bare_cpu, 1)
+    return result
+
+
+# -- 3. load + compile, memory -----------------------------------------------------------
+
+
+def bench_load(large: Generated, work: Path, quick: bool, rss: dict[str, Any]) -> dict[str, Any]:
+    times = []
+    for _ in range(1 if quick else 3):
+        forget_previous_load()  # as in a fresh process
+        gc.collect()
+        start = time.perf_counter()
+        load_policy(large.folder)
+        times.append(time.perf_counter() - start)
+    # a reload after an edit of one small file: unchanged files and clients are reused
+    (large.folder / "knoxcall.yaml").write_text(bench_file(allowed=False))
+    start = time.perf_counter()
+    load_policy(large.folder)
+    reload_s = time.perf_counter() - start
+    (large.folder / "knoxcall.yaml").write_text(bench_file(allowed=True))
+    result: dict[str, Any] = {
+        "load_compile_s": [round(t, 3) for t in times],
+        "best_s": round(min(times), 3),
+        "reload_small_edit_s": round(reload_s, 3),
+    }
+    if "addon_start_kib" not in rss:
+        with (
+            upstream_process() as up,
+            mitmdump(up, None, work / "bare-rss.log") as (_, bare_pid),
+            mitmdump(up, large.folder, work / "addon-rss.log") as (_, addon_pid),
+        ):
+            rss["bare_start_kib"] = vm_rss_kib(bare_pid)
+            rss["addon_start_kib"] = vm_rss_kib(addon_pid)
+    result["rss"] = rss
+    bare, addon = rss.get("bare_start_kib"), rss.get("addon_start_kib")
+    if bare and addon:
+        result["rss_bare_mb"] = round(bare / 1024, 1)
+        result["rss_addon_mb"] = round(addon / 1024, 1)
+        result["rss_addon_minus_bare_mb"] = round((addon - bare) / 1024, 1)
+    return result
+
+
+# -- 4. reload latency -------------------------------------------------------------------
+
+
+def reload_available() -> bool:
+    source = (ROOT / "knoxcall_addon" / "proxy_addon.py").read_text()
+    return "knoxcall_reload" in source
+
+
+def bench_reload(large: Generated, work: Path, quick: bool) -> dict[str, Any]:
+    if not reload_available():
+        return {"available": False, "note": "not available (hot reload not on this main)"}
+    folder = work / "reload-config"
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(large.folder, folder)
+    latencies = []
+    timeouts = 0
+    with upstream_process() as up:
+        (folder / "knoxcall.yaml").write_text(bench_file(allowed=True))
+        # info: the addon's "reloaded in N ms" lines say how much of the latency was loading
+        flags = ["--set", "knoxcall_reload=true", "--set", "termlog_verbosity=info"]
+        with mitmdump(up, folder, work / "reload.log", flags) as (port, _):
+            expected = 200
+            if status_of(port, "/reload") != expected:
+                return {"available": True, "error": f"expected {expected} before the first reload"}
+            for i in range(2 if quick else 4):
+                allowed = i % 2 == 1
+                expected = 200 if allowed else 403
+                time.sleep(1.0)  # let the watcher settle (its debounce, the last reload)
+                start = time.perf_counter()
+                (folder / "knoxcall.yaml").write_text(bench_file(allowed=allowed))
+                deadline = start + 20
+                while time.perf_counter() < deadline:
+                    if status_of(port, "/reload") == expected:
+                        latencies.append(time.perf_counter() - start)
+                        break
+                    time.sleep(0.02)  # gently: polling competes with the reload for the GIL
+                else:
+                    timeouts += 1
+    log = (work / "reload.log").read_text("utf-8", "replace")
+    load_ms = [int(m) for m in re.findall(r"reloaded in (\d+) ms", log)]
+    return {
+        "available": True,
+        "ranges": large.ranges,
+        "load_ms_in_reloader": load_ms,
+        "latency_s": [round(t, 3) for t in latencies],
+        "median_s": round(statistics.median(latencies), 3) if latencies else None,
+        "max_s": round(max(latencies), 3) if latencies else None,
+        "timeouts": timeouts,
+    }
+
+
+# -- report ------------------------------------------------------------------------------
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print(f"KnoxCall bench  {report['date']}  cores={report['cores']}  load average at start={report['loadavg']}")
+    print(f"config: {report['config']}")
+    if "micro" in report:
+        m = report["micro"]
+        print("\n1. decision microbenchmark (decision.decide, prebuilt RequestFacts; GC " + m["gc"] + ")")
+        print(f"{'ranges':>8} {'dec/s':>9} {'p50 µs':>7} {'p99 µs':>7} {'allowed':>7} | "
+              f"{'naive p50 µs':>12} {'naive n':>7} {'speedup':>8} {'mismatch':>8}")  # fmt: skip
+        for s in m["sizes"]:
+            print(f"{s['ranges']:>8} {s['decisions_per_s']:>9} {s['p50_us']:>7.1f} {s['p99_us']:>7.1f} "
+                  f"{s['allowed_share']:>7.2f} | {s['naive_p50_us']:>12.1f} {s['naive_samples']:>7} "
+                  f"{s['speedup_p50']:>7}x {s['naive_mismatches']:>8}")  # fmt: skip
+        print(f"p99 growth from the smallest to the largest config: {m['p99_growth_smallest_to_largest']}x")
+    if "e2e" in report:
+        e = report["e2e"]
+        print(f"\n2. end to end ({e['connections']} keep-alive connections, {e['rounds']} alternated rounds of "
+              f"{e['seconds_per_round']} s; mitmdump {e['mitmdump_flags']})")  # fmt: skip
+        g = e["generator_direct"]
+        print(
+            f"{'generator -> upstream':<24} {g['rps']:>9.0f} req/s  p50 {g['p50_ms']:.3f} ms  p99 {g['p99_ms']:.3f} ms"
+        )
+        for name in ("bare", "noop", "addon"):
+            r = e[name]
+            print(
+                f"{'mitmdump ' + name:<24} {r['rps']:>9} req/s  p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms"
+                f"  CPU {r['cpu_us_per_request']} µs/req  rounds {r['rps_per_round']}  errors {r['errors']}"
+            )
+        print(f"addon/bare throughput: {e['throughput_ratio']} (per round {e['throughput_ratio_per_round']})")
+        print(
+            f"bare/addon CPU per request: {e['cpu_ratio']} (the addon costs {e['addon_cpu_us_per_request']} µs "
+            f"of mitmdump CPU per request; a script with the same hooks doing nothing costs "
+            f"{e['noop_script_cpu_us_per_request']} µs, noop/bare throughput {e['noop_throughput_ratio']})"
+        )
+    if "load" in report:
+        ld = report["load"]
+        print(f"\n3. load+compile of the large config: best {ld['best_s']} s (runs {ld['load_compile_s']}); "
+              f"again after an edit of one small file: {ld['reload_small_edit_s']} s")  # fmt: skip
+        if "rss_addon_mb" in ld:
+            print(f"RSS: bare mitmdump {ld['rss_bare_mb']} MB, with addon and config {ld['rss_addon_mb']} MB "
+                  f"(+{ld['rss_addon_minus_bare_mb']} MB)")  # fmt: skip
+    if "reload" in report:
+        r = report["reload"]
+        print("\n4. reload latency (file write -> new decision)")
+        if not r.get("available"):
+            print(r["note"])
+        elif "error" in r:
+            print(r["error"])
+        else:
+            print(f"median {r['median_s']} s, max {r['max_s']} s over {r['latency_s']} (timeouts {r['timeouts']})")
+            print(f"of which loading and compiling, as the reloader logged it: {r['load_ms_in_reloader']} ms")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=10_000)
+    parser.add_argument("--ranges", type=int, default=100_000)
+    parser.add_argument("--routes", type=int, default=1_000)
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--quick", action="store_true", help="fewer inputs, rounds and seconds (~30 s)")
+    parser.add_argument("--connections", type=int, default=8, help="keep-alive connections of the load generator")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--keep", type=Path, help="write the generated configs here and keep them")
+    args = parser.parse_args(argv)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    sizes = Sizes(args.clients, args.ranges, args.routes)
+    work = args.keep or Path(tempfile.mkdtemp(prefix="knoxcall-bench-"))
+    try:
+        large = generate(work / "large", clients=sizes.clients, ranges=sizes.ranges, routes=sizes.routes)
+        report: dict[str, Any] = {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "cores": os.cpu_count(),
+            "loadavg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "python": sys.version.split()[0],
+            "config": f"{len(large.clients)} clients, {large.ranges} ranges, {len(large.routes)} routes, "
+            f"{len(ENVIRONMENTS)} environments",
+        }
+        rss: dict[str, Any] = {}
+        if "micro" in sections:
+            report["micro"] = bench_micro(sizes, large, work, args.quick)
+        if "e2e" in sections:
+            report["e2e"] = bench_e2e(large, work, args.quick, args.connections, rss)
+        if "load" in sections:
+            report["load"] = bench_load(large, work, args.quick, rss)
+        if "reload" in sections:
+            report["reload"] = bench_reload(large, work, args.quick)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+    else:
+        print_table(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""scripts/bench still runs: the config generator and the decision microbenchmark at a tiny size.
+
+No timing assertions (timing belongs to scripts/bench itself); what is asserted is that the
+generated config loads, and that the compiled index decides exactly like the naive
+linear scan with ipaddress on every sampled request.
+"""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import bench
+from benchmarks.configgen import BENCH_ROUTE, generate
+from knoxcall_addon.decision import RequestFacts, decide
+from knoxcall_addon.policy import load_policy
+
+
+def test_generated_config_loads_with_the_sizes_asked(tmp_path):
+    gen = generate(tmp_path / "cfg", clients=30, ranges=300, routes=20)
+    policy = load_policy(gen.folder)
+    assert len(policy.config.clients) == 31  # + the loopback client of the e2e section
+    assert len(policy.clients_by_ip) == gen.ranges + 2
+    assert {n.version for c in policy.config.clients.values() for n in c.networks} == {4, 6}
+    assert len(policy.config.routes) == 21
+    allowed = decide(policy, RequestFacts(peer="127.0.0.1", route=BENCH_ROUTE))
+    assert allowed.allowed and allowed.reason == "client"
+
+
+def test_microbenchmark_runs_and_agrees_with_the_naive_scan(capsys):
+    assert bench.main(["--sections", "micro", "--quick", "--json", "--clients", "20", "--ranges", "200",
+                       "--routes", "10"]) == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    sizes = report["micro"]["sizes"]
+    assert [s["ranges"] for s in sizes] == [102, 202]
+    for s in sizes:
+        assert s["decisions"] > 0
+        assert 0 < s["allowed_share"] < 1  # allowed and denied mixed
+        assert s["naive_samples"] > 0
+        assert s["naive_mismatches"] == 0
