@@ -202,3 +202,29 @@ def test_requests_inside_an_allowed_tunnel_are_decided_one_by_one(forward: Forwa
                     "request_id": json.loads(body)["request_id"],
                 }
     assert [s["path"] for s in forward.upstream.seen if "tunnel" in s["path"]] == ["/v1/tunnel", "/v1/tunnel2"]
+
+
+def test_upstream_proxy_mode(tmp_path) -> None:
+    """--mode upstream: requests are decided like in forward mode, then go to the next proxy
+    (the echo server stands in for it and shows the absolute-form request it got)."""
+    folder = tmp_path / "config"
+    folder.mkdir()
+    (folder / "knoxcall.yaml").write_text(CONFIG)
+    with Upstream("next-proxy") as next_proxy:
+        proxy = MitmDump(folder, mode=f"upstream:{next_proxy.url}", access_log=tmp_path / "a.jsonl")
+        with proxy:
+            via = Forward(proxy, next_proxy)
+            target = "http://127.0.0.1:9/v1/up"  # only named: the next proxy is the echo server
+            allowed = via.get(OFFICE, target)
+            assert allowed.status_code == 200 and allowed.json()["path"] == target
+            assert_denial(
+                via.get(STRANGER, target),
+                403,
+                {"error": IP_BODY, "status": 403, "ip": STRANGER, "route": "local", "environment": "production"},
+            )
+            assert_denial(
+                via.get(OFFICE, target, headers={"Host": "localhost"}),
+                404,
+                {"error": "Route not found", "status": 404, "route": None},
+            )
+            assert [s["path"] for s in next_proxy.seen] == [target]
