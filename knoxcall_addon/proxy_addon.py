@@ -7,11 +7,13 @@ so every hook catches its own errors and denies.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -247,6 +249,10 @@ class KnoxCall:
         """Decide as soon as the headers are in, before any body is read or forwarded."""
         if flow.response or flow.error:
             return
+        with refusing_on_error("a request", lambda: _refuse_http(flow)):
+            self._decide_request(flow)
+
+    def _decide_request(self, flow: http.HTTPFlow) -> None:
         # A replayed flow (mitmweb's "replay") passes here again and is decided again.
         request_id = new_request_id()
         request = flow.request
@@ -287,6 +293,10 @@ class KnoxCall:
         """CONNECT in forward mode: refuse tunnels from peers that nothing could allow."""
         if flow.response or flow.error:
             return
+        with refusing_on_error("a CONNECT", lambda: _refuse_http(flow)):
+            self._decide_connect(flow)
+
+    def _decide_connect(self, flow: http.HTTPFlow) -> None:
         decision, meta = self._decide_connection(
             peer_host(flow), flow.request.pretty_host, "CONNECT", tunnel=not self.uninspected_tunnels
         )
@@ -318,6 +328,10 @@ class KnoxCall:
         """
         if not _decided_at_connect(client):
             return
+        with refusing_on_error("a connection", lambda: setattr(client, "error", "knoxcall: internal error")):
+            self._decide_client(client)
+
+    def _decide_client(self, client: connection.Client) -> None:
         mode = client.proxy_mode
         assert isinstance(mode, mode_specs.ReverseMode)
         decision, meta = self._decide_connection(str(client.peername[0]), mode.address[0], None, tunnel=False)
@@ -326,10 +340,12 @@ class KnoxCall:
             client.error = f"knoxcall: connection refused ({decision.reason})"
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
-        self._start_raw_flow(flow)
+        with refusing_on_error("a TCP flow", lambda: self._refuse_raw(flow)):
+            self._start_raw_flow(flow)
 
     def udp_start(self, flow: udp.UDPFlow) -> None:
-        self._start_raw_flow(flow)
+        with refusing_on_error("a UDP flow", lambda: self._refuse_raw(flow)):
+            self._start_raw_flow(flow)
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         """A refused raw flow never reaches its server (mitmproxy ignores kill() at tcp_start)."""
@@ -351,11 +367,15 @@ class KnoxCall:
     def dns_request(self, flow: dns.DNSFlow) -> None:
         if flow.response or flow.error or _decided_at_connect(flow.client_conn):
             return
+        with refusing_on_error("a DNS request", lambda: setattr(flow, "response", _refused_dns(flow))):
+            self._decide_dns(flow)
+
+    def _decide_dns(self, flow: dns.DNSFlow) -> None:
         decision, meta = self._decide_connection(peer_host(flow), None, "DNS", tunnel=False)
         self._annotate(flow, decision, meta)
         self._write_access_log(meta)
         if not decision.allowed:
-            flow.response = flow.request.fail(dns_response_codes.REFUSED)
+            flow.response = _refused_dns(flow)
 
     def _start_raw_flow(self, flow: tcp.TCPFlow | udp.UDPFlow) -> None:
         """Decide a TCP/UDP flow by its peer; a refused one is cut off from its server."""
@@ -366,9 +386,13 @@ class KnoxCall:
         self._annotate(flow, decision, meta)
         self._write_access_log(meta)
         if not decision.allowed:
-            self._refused.add(flow.client_conn.id)
-            if flow.killable:
-                flow.kill()
+            self._refuse_raw(flow)
+
+    def _refuse_raw(self, flow: tcp.TCPFlow | udp.UDPFlow) -> None:
+        """Cut a raw flow off its server: no connection, nothing relayed (see server_connect)."""
+        self._refused.add(flow.client_conn.id)
+        if flow.killable:
+            flow.kill()
 
     # -- internals ---------------------------------------------------------------------
 
@@ -466,6 +490,34 @@ def status_lines(current: LoadedPolicy | None, reload: HotReload, enabled: bool 
     else:
         lines.append("last reload error: none")
     return lines
+
+
+@contextlib.contextmanager
+def refusing_on_error(what: str, refuse: Callable[[], None]) -> Iterator[None]:
+    """Fail closed: any error while deciding (or logging, or annotating) refuses the flow.
+
+    mitmproxy logs an exception from a hook and then carries on as if the hook had
+    allowed the flow; this turns every such error into a refusal.
+    """
+    try:
+        yield
+    except Exception:
+        logger.exception(f"knoxcall: unexpected error while deciding {what}; refusing it")
+        refuse()
+
+
+def _refuse_http(flow: http.HTTPFlow) -> None:
+    """The simplest possible denial, for when building the normal one failed."""
+    flow.marked = DENIED_MARKER
+    if flow.request.stream and flow.killable:
+        flow.kill()  # a streamed request cannot also be answered (see _decide_request)
+        return
+    body = b'{"error": "Internal error", "status": 500}'
+    flow.response = http.Response.make(500, body, {"Content-Type": "application/json"})
+
+
+def _refused_dns(flow: dns.DNSFlow) -> dns.DNSMessage:
+    return flow.request.fail(dns_response_codes.REFUSED)
 
 
 def _decided_at_connect(client: connection.Client) -> bool:

@@ -237,6 +237,45 @@ def test_exception_while_deciding_a_connection_denies(tctx, monkeypatch) -> None
     assert refused_at_connect(addon, tcp)
 
 
+@pytest.mark.parametrize("broken", ["_log_decision", "_annotate"])
+def test_error_after_a_denial_still_refuses(tctx, monkeypatch, broken: str) -> None:
+    """Logging or annotating that fails must not let a denied request (or flow) through."""
+    addon, _ = tctx
+
+    def explode(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"{broken} failed")
+
+    monkeypatch.setattr(KnoxCall, broken, explode)
+    denied = make_flow(peer=("127.0.0.99", 1))
+    addon.requestheaders(denied)
+    assert denied.response is not None and denied.response.status_code == 500
+    assert denied.marked
+    connect = make_flow(peer=("127.0.0.99", 1), method="CONNECT", path="")
+    addon.http_connect(connect)
+    assert connect.response is not None and connect.response.status_code == 500
+    raw = tflow.ttcpflow()
+    raw.client_conn.peername = ("127.0.0.5", 1)  # a covered peer: refused all the same
+    addon.tcp_start(raw)
+    assert refused_at_connect(addon, raw)
+    query = tflow.tdnsflow()
+    query.client_conn.peername = ("127.0.0.5", 1)
+    addon.dns_request(query)
+    assert query.response is not None and query.response.response_code == dns_response_codes.REFUSED
+
+
+def test_error_after_allowing_refuses_instead(tctx, monkeypatch) -> None:
+    """An allowed request whose log line cannot be written is refused, not sent unlogged."""
+    addon, _ = tctx
+
+    def explode(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("log failed")
+
+    monkeypatch.setattr(KnoxCall, "_log_decision", explode)
+    flow = make_flow()
+    addon.requestheaders(flow)
+    assert flow.response is not None and flow.response.status_code == 500
+
+
 # -- annotations -------------------------------------------------------------------------
 
 
