@@ -15,7 +15,7 @@ KeyType = Literal["live", "test"]
 UnmatchedPolicy = Literal["deny", "allow"]
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Location:
     """Where a value was written: file and 1-based line (0 when the whole file is meant)."""
 

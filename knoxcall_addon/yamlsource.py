@@ -124,6 +124,7 @@ def _read_events(text: str, source_name: str) -> Any:
         if isinstance(get(), yaml.StreamEndEvent):
             return None
         stack: list[list[Any]] = []  # [container, key, is_mapping, key_seen, key_location]
+        locations: dict[int, Location] = {}  # one Location per line: a key and its value share it
         root: Any = None
         while True:
             event = get()
@@ -139,7 +140,8 @@ def _read_events(text: str, source_name: str) -> Any:
                     value = construct(loader, node)
                 else:
                     raise _Unusual  # e.g. "=" (tag:yaml.org,2002:value)
-                where = Location(source_name, event.start_mark.line + 1)
+                line = event.start_mark.line + 1
+                where = locations.get(line) or locations.setdefault(line, Location(source_name, line))
             elif kind is yaml.MappingStartEvent or kind is yaml.SequenceStartEvent:
                 if event.anchor is not None or (event.tag is not None and event.tag != "!"):
                     raise _Unusual
@@ -150,7 +152,8 @@ def _read_events(text: str, source_name: str) -> Any:
                 else:
                     container = LocatedList()
                     container.item_locations = []
-                container.location = Location(source_name, event.start_mark.line + 1)
+                line = event.start_mark.line + 1
+                container.location = locations.get(line) or locations.setdefault(line, Location(source_name, line))
                 stack.append([container, None, kind is yaml.MappingStartEvent, False, None])
                 continue
             elif kind is yaml.MappingEndEvent or kind is yaml.SequenceEndEvent:
