@@ -539,16 +539,21 @@ def _body_size_unknown(request: http.Request) -> bool:
 
 
 _REQUEST_ID_PREFIX = os.urandom(8).hex()
+# n -> n * odd + offset (mod 2**64) is a bijection: ids stay unique, but do not show a
+# caller how many requests the proxy has served.
+_REQUEST_ID_FACTOR = int.from_bytes(os.urandom(8)) | 1
+_REQUEST_ID_OFFSET = int.from_bytes(os.urandom(8))
 _request_counter = itertools.count(1)
 
 
 def new_request_id() -> str:
-    """32 hex digits, unique per request: a random per-process half and a counter.
+    """32 hex digits, unique per request: a random per-process half and a scrambled counter.
 
     Cheaper than uuid4 (no system call per request); ids from different proxies or
     restarts differ by their random half.
     """
-    return f"{_REQUEST_ID_PREFIX}{next(_request_counter) & 0xFFFFFFFFFFFFFFFF:016x}"
+    n = next(_request_counter) * _REQUEST_ID_FACTOR + _REQUEST_ID_OFFSET
+    return f"{_REQUEST_ID_PREFIX}{n & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 def peer_host(flow: Any) -> str:
