@@ -361,11 +361,8 @@ class _Builder:
         """An IP, a CIDR, a comma-separated string of them, or a YAML list of those."""
         if value is None:
             return []
-        if isinstance(value, str):
-            parts = [(value, where)]
-        elif isinstance(value, LocatedList):
-            parts = list(zip(value, value.item_locations, strict=True))
-        else:
+        parts = _one_or_list(value, where)
+        if parts is None:
             self.error(where, f"{what} must be an IP, a CIDR, a comma-separated string or a list{_quote_hint(value)}")
             return []
         networks: list[IPNetwork] = []
@@ -568,14 +565,8 @@ class _Builder:
                         f"assignments.{route_name}: unknown environment {env_name!r}{_suggest(env_name, environments)}",
                     )
                     continue
-                if names is None:
-                    names = LocatedList()
-                    names.item_locations = []
-                if isinstance(names, str):
-                    names_list = [(names, env_where)]
-                elif isinstance(names, LocatedList):
-                    names_list = list(zip(names, names.item_locations, strict=True))
-                else:
+                names_list = [] if names is None else _one_or_list(names, env_where)
+                if names_list is None:
                     self.error(env_where, f"assignments.{route_name}.{env_name} must be a list of client names")
                     continue
                 chosen: list[str] = []
@@ -596,6 +587,15 @@ class _Builder:
                         chosen.append(client_name)
                 result.append(Assignment(route_name, env_name, tuple(chosen), env_where))
         return tuple(result)
+
+
+def _one_or_list(value: Any, where: Location) -> list[tuple[Any, Location]] | None:
+    """A string or a YAML list of items, each with its location; None for anything else."""
+    if isinstance(value, str):
+        return [(value, where)]
+    if isinstance(value, LocatedList):
+        return list(zip(value, value.item_locations, strict=True))
+    return None
 
 
 def _suggest(name: str, known: dict[str, Any]) -> str:

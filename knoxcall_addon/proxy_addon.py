@@ -249,7 +249,7 @@ class KnoxCall:
         """Decide as soon as the headers are in, before any body is read or forwarded."""
         if flow.response or flow.error:
             return
-        with refusing_on_error("a request", lambda: _refuse_http(flow)):
+        with refusing_on_error("a request", lambda: self._refuse_request(flow, _internal_error_response(flow))):
             self._decide_request(flow)
 
     def _decide_request(self, flow: http.HTTPFlow) -> None:
@@ -264,10 +264,8 @@ class KnoxCall:
             "user_agent": request.headers.get("user-agent"),
         }
         try:
-            current = self.current
-            if current is None:
-                raise RuntimeError("no policy loaded")
-            decision = decide(current.policy, request_facts(flow, current.policy, caller_host))
+            policy = self._policy()
+            decision = decide(policy, request_facts(flow, policy, caller_host))
             if decision.allowed:
                 forward(flow, decision)
         except Exception as e:
@@ -279,21 +277,28 @@ class KnoxCall:
         self._annotate(flow, decision, meta, line)
         self._pending.add(flow.id)
         if not decision.allowed:
-            may_stream = flow.request.stream or (self.streaming_bodies and _body_size_unknown(request))
-            if may_stream and flow.killable:
-                # stream_large_bodies: mitmproxy streams this body (or will, once a chunked
-                # body of unknown size grows past the limit) and cannot also answer the
-                # request: it raises, and the caller hangs with no answer at all. Close
-                # the connection instead; nothing goes upstream either way.
-                flow.kill()
-            else:
-                flow.response = denial_response(decision, request_id, request.method)
+            self._refuse_request(flow, denial_response(decision, request_id, request.method))
+
+    def _refuse_request(self, flow: http.HTTPFlow, response: http.Response) -> None:
+        """Answer a refused request with ``response``, or close it when that cannot be done.
+
+        stream_large_bodies: mitmproxy streams this body (or will, once a chunked body of
+        unknown size grows past the limit) and cannot also answer the request: it raises,
+        and the caller hangs with no answer at all. Close the connection instead; nothing
+        goes upstream either way.
+        """
+        flow.marked = DENIED_MARKER
+        may_stream = flow.request.stream or (self.streaming_bodies and _body_size_unknown(flow.request))
+        if may_stream and flow.killable:
+            flow.kill()
+        else:
+            flow.response = response
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         """CONNECT in forward mode: refuse tunnels from peers that nothing could allow."""
         if flow.response or flow.error:
             return
-        with refusing_on_error("a CONNECT", lambda: _refuse_http(flow)):
+        with refusing_on_error("a CONNECT", lambda: self._refuse_request(flow, _internal_error_response(flow))):
             self._decide_connect(flow)
 
     def _decide_connect(self, flow: http.HTTPFlow) -> None:
@@ -399,16 +404,19 @@ class KnoxCall:
     def _version(self) -> str:
         return self.current.policy.version if self.current else ""
 
+    def _policy(self) -> Policy:
+        """The policy in force; none (only after a failed start) is an error, so: deny."""
+        if self.current is None:
+            raise RuntimeError("no policy loaded")
+        return self.current.policy
+
     def _decide_connection(
         self, peer: str, host: str | None, method: str | None, *, tunnel: bool
     ) -> tuple[Decision, dict[str, Any]]:
         """Decide a connection that carries no request we can read; log the decision."""
         request_id = new_request_id()
         try:
-            current = self.current
-            if current is None:
-                raise RuntimeError("no policy loaded")
-            decision = decide_connection(current.policy, peer, tunnel=tunnel)
+            decision = decide_connection(self._policy(), peer, tunnel=tunnel)
         except Exception as e:
             logger.exception(f"knoxcall: error while deciding connection {request_id}; denying it")
             decision = internal_error(peer, peer, f"{type(e).__name__}: {e}", self._version())
@@ -506,14 +514,10 @@ def refusing_on_error(what: str, refuse: Callable[[], None]) -> Iterator[None]:
         refuse()
 
 
-def _refuse_http(flow: http.HTTPFlow) -> None:
+def _internal_error_response(flow: http.HTTPFlow) -> http.Response:
     """The simplest possible denial, for when building the normal one failed."""
-    flow.marked = DENIED_MARKER
-    if flow.request.stream and flow.killable:
-        flow.kill()  # a streamed request cannot also be answered (see _decide_request)
-        return
-    body = b'{"error": "Internal error", "status": 500}'
-    flow.response = http.Response.make(500, body, {"Content-Type": "application/json"})
+    body = b"" if flow.request.method.upper() == "HEAD" else b'{"error": "Internal error", "status": 500}'
+    return http.Response.make(500, body, {"Content-Type": "application/json"})
 
 
 def _refused_dns(flow: dns.DNSFlow) -> dns.DNSMessage:

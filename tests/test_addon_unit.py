@@ -263,6 +263,24 @@ def test_error_after_a_denial_still_refuses(tctx, monkeypatch, broken: str) -> N
     assert query.response is not None and query.response.response_code == dns_response_codes.REFUSED
 
 
+def test_error_fallback_answers_head_without_body_and_closes_streams(tctx, monkeypatch) -> None:
+    """The fallback denial follows the same rules as a normal one (HEAD, streamed bodies)."""
+    addon, _ = tctx
+
+    def explode(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("annotate failed")
+
+    monkeypatch.setattr(KnoxCall, "_annotate", explode)
+    head = make_flow(peer=("127.0.0.99", 1), method="HEAD")
+    addon.requestheaders(head)
+    assert head.response is not None and head.response.status_code == 500
+    assert head.response.content == b""
+    streamed = make_flow(peer=("127.0.0.99", 1), method="POST")
+    streamed.request.stream = True
+    addon.requestheaders(streamed)
+    assert streamed.response is None and streamed.error is not None  # killed, not answered
+
+
 def test_error_after_allowing_refuses_instead(tctx, monkeypatch) -> None:
     """An allowed request whose log line cannot be written is refused, not sent unlogged."""
     addon, _ = tctx
