@@ -105,6 +105,7 @@ class KnoxCall:
         self.uninspected_tunnels = False  # ignore_hosts/allow_hosts: some tunnels are never inspected
         self._refused: set[str] = set()  # ids of client connections whose raw flows were refused
         self.streaming_bodies = False  # stream_large_bodies is set: denied bodies may be streamed
+        self._killed: set[str] = set()  # ids of client connections whose HTTP flow we killed
 
     # -- options -----------------------------------------------------------------------
 
@@ -291,6 +292,7 @@ class KnoxCall:
         may_stream = flow.request.stream or (self.streaming_bodies and _body_size_unknown(flow.request))
         if may_stream and flow.killable:
             flow.kill()
+            self._killed.add(flow.client_conn.id)
         else:
             flow.response = response
 
@@ -368,6 +370,9 @@ class KnoxCall:
 
     def client_disconnected(self, client: connection.Client) -> None:
         self._refused.discard(client.id)
+        if client.id in self._killed:
+            self._killed.discard(client.id)
+            _close_client_socket(client)
 
     def dns_request(self, flow: dns.DNSFlow) -> None:
         if flow.response or flow.error or _decided_at_connect(flow.client_conn):
@@ -527,6 +532,26 @@ def _refused_dns(flow: dns.DNSFlow) -> dns.DNSMessage:
 def _decided_at_connect(client: connection.Client) -> bool:
     mode = client.proxy_mode
     return isinstance(mode, mode_specs.ReverseMode) and mode.scheme in RAW_REVERSE_SCHEMES
+
+
+def _close_client_socket(client: connection.Client) -> None:
+    """Close the socket of a client whose flow we killed, if mitmproxy left it open.
+
+    mitmproxy 12 race: the kill closes the client connection by cancelling its reader
+    task; when that task is waiting for the connection's event lock (the client's next
+    body bytes arrived while our hook ran), the cancellation skips the socket's close.
+    The caller then waits for an answer until its own timeout. Nothing is forwarded
+    either way; this only spares the caller the wait. Internal API, hence the guard.
+    """
+    try:
+        handler = ctx.master.addons.get("proxyserver").connections.get(client.id)
+        transport = handler.transports.get(client) if handler is not None else None
+        writer = transport.writer if transport is not None else None
+        if writer is not None and not writer.is_closing():
+            writer.close()
+            logger.debug(f"knoxcall: closed the socket of killed client {client.id}")
+    except Exception:  # the proxy's internals changed: the connection ends at the client's timeout
+        logger.debug("knoxcall: could not close a killed client's socket", exc_info=True)
 
 
 def _body_size_unknown(request: http.Request) -> bool:
