@@ -38,6 +38,7 @@ from knoxcall_addon.decision import (
     decide,
     decide_connection,
     internal_error,
+    request_facts_of,
 )
 from knoxcall_addon.explain import explain_text
 from knoxcall_addon.model import ConfigError
@@ -78,10 +79,37 @@ def _emit(level: int, line: str) -> None:
     """``logger.log(level, line)`` without ``findCaller``'s stack walk (a third of its cost).
 
     Same record to the same handlers and filters, only without a source file and line,
-    which a decision line does not need. One per request, so it counts.
+    which a decision line does not need. One per request, so it counts. No record is made
+    when no handler would take it (see `_taken`).
     """
-    if logger.isEnabledFor(level):
+    if logger.isEnabledFor(level) and _taken(level):
         logger.handle(logger.makeRecord(logger.name, level, "", 0, line, (), None, extra=_DECISION_LINE))
+
+
+def _taken(level: int) -> bool:
+    """Would any handler see a decision line of this level? What ``Logger.callHandlers`` checks first.
+
+    In mitmdump with ``termlog_verbosity=warn`` every handler drops an allowed request's
+    INFO line (the terminal by its level, mitmproxy's error check below ERROR, the legacy
+    ``add_log`` events by our filter), and the record was made for nobody: about a fifth of
+    what KnoxCall costs mitmdump per request. Looked up on every call, so a handler added or
+    a level changed at any time (``:set termlog_verbosity=info``) gets the next line. A
+    filter on the "knoxcall" logger itself, or no handler at all (logging's last resort),
+    counts as taking it: the record is then made as before.
+    """
+    if logger.filters:
+        return True
+    node: logging.Logger | None = logger
+    found = False
+    while node is not None:
+        for handler in node.handlers:
+            found = True
+            if level >= handler.level and _SKIP_LEGACY not in handler.filters:
+                return True
+        if not node.propagate:
+            break
+        node = node.parent  # type: ignore[assignment]
+    return not found
 
 
 @dataclass(frozen=True)
@@ -250,30 +278,41 @@ class KnoxCall:
         """Decide as soon as the headers are in, before any body is read or forwarded."""
         if flow.response or flow.error:
             return
-        with refusing_on_error("a request", lambda: self._refuse_request(flow, _internal_error_response(flow))):
+        # refusing_on_error spelled out: this runs once per request, the context manager
+        # cost a microsecond each time
+        try:
             self._decide_request(flow)
+        except Exception:
+            logger.exception("knoxcall: unexpected error while deciding a request; refusing it")
+            self._refuse_request(flow, _internal_error_response(flow))
 
     def _decide_request(self, flow: http.HTTPFlow) -> None:
         # A replayed flow (mitmweb's "replay") passes here again and is decided again.
         request_id = new_request_id()
         request = flow.request
-        caller_host = requested_host(request)
-        seen = {
-            "method": request.method,
-            "host": caller_host,
-            "path": request.path,
-            "user_agent": request.headers.get("user-agent"),
-        }
+        # what the caller sent, before forward() re-targets the request
+        method = request.method
+        path = request.path
         try:
             policy = self._policy()
-            decision = decide(policy, request_facts(flow, policy, caller_host))
+            facts, caller_host, user_agent = read_request(flow, policy, method, path)
+            decision = decide(policy, facts)
             if decision.allowed:
                 forward(flow, decision)
         except Exception as e:
             logger.exception(f"knoxcall: error while deciding request {request_id}; denying it")
             peer = peer_host(flow)
             decision = internal_error(peer, peer, f"{type(e).__name__}: {e}", self._version())
-        meta = {"request_id": request_id, **seen, **decision.fields()}
+            caller_host = requested_host(request)
+            user_agent = request.headers.get("user-agent")
+        meta = {
+            "request_id": request_id,
+            "method": method,
+            "host": caller_host,
+            "path": path,
+            "user_agent": user_agent,
+            **decision.fields(),
+        }
         line = self._log_decision(decision, request_id)
         self._annotate(flow, decision, meta, line)
         self._pending.add(flow.id)
@@ -317,7 +356,14 @@ class KnoxCall:
         """Every response we make or forward carries the request id (also when streamed)."""
         meta = flow.metadata.get(METADATA_KEY)
         if meta and flow.response is not None:
-            flow.response.headers[REQUEST_ID_HEADER] = meta["request_id"]
+            headers = flow.response.headers
+            fields = headers.fields
+            for name, _ in fields:
+                if name.lower() == _REQUEST_ID_BYTES:  # an upstream sent one: ours replaces it
+                    headers[REQUEST_ID_HEADER] = meta["request_id"]
+                    return
+            # headers[REQUEST_ID_HEADER] = ... for a name not there yet, without its second scan
+            headers.fields = (*fields, (_REQUEST_ID_BYTES, meta["request_id"].encode()))
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._complete(flow)
@@ -597,18 +643,48 @@ def requested_host(request: http.Request) -> str:
     return _authority_host(authority) if authority else request.host
 
 
-def request_facts(flow: http.HTTPFlow, policy: Policy, caller_host: str | None = None) -> RequestFacts:
-    """Read what the decision needs from the flow; the header names come from the policy.
+def request_facts(flow: http.HTTPFlow, policy: Policy) -> RequestFacts:
+    """Read what the decision needs from the flow; the header names come from the policy."""
+    return read_request(flow, policy)[0]
 
-    ``caller_host`` is `requested_host` when the caller already has it."""
+
+def read_request(
+    flow: http.HTTPFlow, policy: Policy, method: str | None = None, path: str | None = None
+) -> tuple[RequestFacts, str, str | None]:
+    """(the decision's facts, the host the caller asked for, its User-Agent), in one pass over the headers.
+
+    The caller host is `requested_host`'s; ``method`` and ``path`` are the request's, when
+    the caller has read them already.
+    """
     request = flow.request
+    # One pass over the raw fields instead of a Headers lookup per name (each a full scan).
+    # Same values as headers.get (repeated headers folded with ", ") and get_all.
+    forwarded_name = policy.settings.client_ip_header.lower().encode("utf-8", "surrogateescape")
+    ours: dict[bytes, list[bytes]] = {}
+    forwarded: list[str] = []
+    host_fields: list[bytes] = []
+    agents: list[bytes] = []
+    for name, value in request.headers.fields:
+        lower = name.lower()
+        if lower == forwarded_name:
+            forwarded.append(value.decode("utf-8", "surrogateescape"))
+        if lower.startswith(_PREFIX_BYTES):
+            ours.setdefault(lower, []).append(value)
+        elif lower == b"host":
+            host_fields.append(value)
+        elif lower == b"user-agent":
+            agents.append(value)
+    http2 = request.is_http2 or request.is_http3
+    # request.host_header, from the fields read above
+    host_header = (request.authority or _folded(host_fields)) if http2 else _folded(host_fields)
+    caller_host = _authority_host(host_header) if host_header else request.host
     mode = flow.client_conn.proxy_mode
     others: list[str] = []
     if isinstance(mode, mode_specs.ReverseMode):
         # In reverse mode the destination is fixed by the proxy or the route, so the
         # Host the client asked for is what selects the route.
-        host = caller_host if caller_host is not None else requested_host(request)
-        if request.authority and not (request.is_http2 or request.is_http3):
+        host = caller_host
+        if not http2 and request.authority:
             # HTTP/1 absolute-form: an upstream takes the URL's host over Host.
             others.append(request.authority)
     else:
@@ -618,43 +694,36 @@ def request_facts(flow: http.HTTPFlow, policy: Policy, caller_host: str | None =
         if isinstance(mode, mode_specs.RegularMode | mode_specs.UpstreamMode):
             # The client chose request.host (URL or CONNECT); the Host header and the TLS
             # SNI it sends on are what a virtual-hosting upstream serves: they must agree.
-            if request.host_header:
-                others.append(request.host_header)
+            if host_header:
+                others.append(host_header)
             if flow.client_conn.tls and flow.client_conn.sni:
                 others.append(flow.client_conn.sni)
-    # One pass over the raw fields instead of four Headers lookups (each a full scan).
-    # Same values as headers.get (repeated headers folded with ", ") and get_all.
-    forwarded_name = policy.settings.client_ip_header.lower().encode("utf-8", "surrogateescape")
-    ours: dict[bytes, list[bytes]] = {}
-    forwarded: list[str] = []
-    for name, value in request.headers.fields:
-        lower = name.lower()
-        if lower == forwarded_name:
-            forwarded.append(value.decode("utf-8", "surrogateescape"))
-        if lower.startswith(_PREFIX_BYTES):
-            ours.setdefault(lower, []).append(value)
-    return RequestFacts(
+    facts = request_facts_of(
         peer=peer_host(flow),
-        method=request.method,
+        method=request.method if method is None else method,
         host=host.lower().rstrip("."),
-        path=request.path,
+        path=request.path if path is None else path,
         route=_folded(ours.get(_ROUTE_BYTES)),
         environment=_folded(ours.get(_ENVIRONMENT_BYTES)),
         api_key=_folded(ours.get(_KEY_BYTES)),
         forwarded_for=tuple(forwarded),
-        other_hosts=tuple(_authority_host(name) for name in others if not _same_host(name, host)),
+        other_hosts=tuple(_authority_host(name) for name in others if not _same_host(name, host)) if others else (),
     )
+    return facts, caller_host, _folded(agents)
 
 
 _ROUTE_BYTES = ROUTE_HEADER.encode()
+_REQUEST_ID_BYTES = REQUEST_ID_HEADER.encode()
 _ENVIRONMENT_BYTES = ENVIRONMENT_HEADER.encode()
 _KEY_BYTES = KEY_HEADER.encode()
 
 
 def _folded(values: list[bytes] | None) -> str | None:
     """What ``Headers.get`` returns for these raw values."""
-    if values is None:
+    if not values:
         return None
+    if len(values) == 1:
+        return values[0].decode("utf-8", "surrogateescape")
     return ", ".join(v.decode("utf-8", "surrogateescape") for v in values)
 
 
