@@ -341,7 +341,10 @@ def _fits(route: Any, facts: RequestFacts) -> bool:
 
 
 def _allow(base: dict[str, Any], reason: str, route: Any, environment: str, client: str | None = None) -> Decision:
-    return _decision(True, reason, 0, {**base, "client": client, "target_url": route.target_for(environment)})
+    # base is decide()'s own, made for this call and not read after: filled in, not copied
+    base["client"] = client
+    base["target_url"] = route.target_for(environment)
+    return _decision(True, reason, 0, base)
 
 
 # Every field with its default, in field order (body's, a new dict, is made per decision).

@@ -659,21 +659,35 @@ def read_request(
     request = flow.request
     # One pass over the raw fields instead of a Headers lookup per name (each a full scan).
     # Same values as headers.get (repeated headers folded with ", ") and get_all.
+    # (lists made only for the names present: fewer objects per request for the GC)
     forwarded_name = policy.settings.client_ip_header.lower().encode("utf-8", "surrogateescape")
-    ours: dict[bytes, list[bytes]] = {}
-    forwarded: list[str] = []
-    host_fields: list[bytes] = []
-    agents: list[bytes] = []
+    ours: dict[bytes, list[bytes]] | None = None
+    forwarded: list[str] | None = None
+    host_fields: list[bytes] | None = None
+    agents: list[bytes] | None = None
     for name, value in request.headers.fields:
         lower = name.lower()
         if lower == forwarded_name:
+            if forwarded is None:
+                forwarded = []
             forwarded.append(value.decode("utf-8", "surrogateescape"))
         if lower.startswith(_PREFIX_BYTES):
-            ours.setdefault(lower, []).append(value)
+            if ours is None:
+                ours = {}
+            if lower in ours:
+                ours[lower].append(value)
+            else:
+                ours[lower] = [value]
         elif lower == b"host":
+            if host_fields is None:
+                host_fields = []
             host_fields.append(value)
         elif lower == b"user-agent":
+            if agents is None:
+                agents = []
             agents.append(value)
+    if ours is None:
+        ours = _NONE_OF_OURS
     http2 = request.is_http2 or request.is_http3
     # request.host_header, from the fields read above
     host_header = (request.authority or _folded(host_fields)) if http2 else _folded(host_fields)
@@ -706,13 +720,14 @@ def read_request(
         route=_folded(ours.get(_ROUTE_BYTES)),
         environment=_folded(ours.get(_ENVIRONMENT_BYTES)),
         api_key=_folded(ours.get(_KEY_BYTES)),
-        forwarded_for=tuple(forwarded),
+        forwarded_for=tuple(forwarded) if forwarded else (),
         other_hosts=tuple(_authority_host(name) for name in others if not _same_host(name, host)) if others else (),
     )
     return facts, caller_host, _folded(agents)
 
 
 _ROUTE_BYTES = ROUTE_HEADER.encode()
+_NONE_OF_OURS: dict[bytes, list[bytes]] = {}  # read only
 _REQUEST_ID_BYTES = REQUEST_ID_HEADER.encode()
 _ENVIRONMENT_BYTES = ENVIRONMENT_HEADER.encode()
 _KEY_BYTES = KEY_HEADER.encode()
@@ -756,16 +771,18 @@ def forward(flow: http.HTTPFlow, decision: Decision) -> None:
     forwarded: list[bytes] = []
     forwarded_at = -1
     forwarded_name = b"X-Forwarded-For"
-    for name, value in request.headers.fields:
-        if _is_ours(name):
+    for field in request.headers.fields:
+        name = field[0]
+        lower = name.lower()
+        if lower.startswith(_PREFIX_BYTES) if name.isascii() else _is_ours(name):
             continue
-        if name.lower() == _XFF_BYTES:
+        if lower == _XFF_BYTES:
             if forwarded_at < 0:
                 forwarded_at, forwarded_name = len(fields), name
                 fields.append((name, b""))
-            forwarded.append(value)
+            forwarded.append(field[1])
             continue
-        fields.append((name, value))
+        fields.append(field)
     joined = b", ".join([*forwarded, peer.encode("utf-8", "surrogateescape")])
     if forwarded_at < 0:
         fields.append((forwarded_name, joined))
