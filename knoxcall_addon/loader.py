@@ -181,7 +181,7 @@ class _Builder:
                 hint = difflib.get_close_matches(str(key), allowed, n=1)
                 suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
                 self.error(
-                    mapping.key_locations[key],
+                    mapping.where(key),
                     f"unknown key {key!r} in {what}{suggestion}; allowed: {', '.join(allowed)}",
                 )
 
@@ -209,7 +209,7 @@ class _Builder:
         if not ok:
             names = " or ".join(_type_name(k) for k in kinds)
             self.error(
-                mapping.key_locations[key],
+                mapping.where(key),
                 f"{what}: {key!r} must be {names}, not {_type_name(type(value))} ({value!r})",
             )
             return None
@@ -220,7 +220,7 @@ class _Builder:
         if name is None:
             return None
         if not pattern.match(name):
-            self.error(entry.key_locations["name"], f"{what} name {name!r} must match {pattern.pattern}")
+            self.error(entry.where("name"), f"{what} name {name!r} must match {pattern.pattern}")
             return None
         return name
 
@@ -240,23 +240,20 @@ class _Builder:
             if value is None:
                 continue
             if not isinstance(value, LocatedDict):
-                self.error(data.key_locations[section], f"{section!r} must be a mapping")
+                self.error(data.where(section), f"{section!r} must be a mapping")
                 continue
             merged = self.settings if section == "settings" else self.assignments
-            for key, item in value.items():
+            for key, item, where in value.located_items():
                 if key in merged:
-                    self.error(
-                        value.key_locations[key],
-                        f"{section}.{key} is defined twice (first at {merged[key][1]})",
-                    )
+                    self.error(where, f"{section}.{key} is defined twice (first at {merged[key][1]})")
                     continue
-                merged[key] = (item, value.key_locations[key])
+                merged[key] = (item, where)
         for section, entries in self.lists.items():
             if section not in data or data[section] is None:
                 continue
             value = data[section]
             if not isinstance(value, LocatedList):
-                self.error(data.key_locations[section], f"{section!r} must be a list")
+                self.error(data.where(section), f"{section!r} must be a list")
                 continue
             entries.extend(zip(value, value.item_locations, strict=True))
 
@@ -302,7 +299,7 @@ class _Builder:
                 continue
             if name in first_seen:
                 first = first_seen[name]
-                self.error(entry.key_locations["name"], f"{what} {name!r} is defined twice (first at {first})")
+                self.error(entry.where("name"), f"{what} {name!r} is defined twice (first at {first})")
                 continue
             first_seen[name] = entry.location
             # An entry with problems keeps its name (as None) so that references to it
@@ -391,16 +388,16 @@ class _Builder:
         self.check_keys(entry, CLIENT_KEYS, what)
         client_type = self.field(entry, "type", str, "server", what)
         if client_type not in ("server", "user", None):
-            self.error(entry.key_locations["type"], f"{what}: type must be 'server' or 'user'")
+            self.error(entry.where("type"), f"{what}: type must be 'server' or 'user'")
         enabled = self.field(entry, "enabled", bool, True, what)
         description = self.field(entry, "description", str, "", what)
         if "ip_address" not in entry:
             self.error(entry.location, f"{what} is missing required key 'ip_address'")
             return None
-        networks = self._networks(entry["ip_address"], entry.key_locations["ip_address"], what)
+        networks = self._networks(entry["ip_address"], entry.where("ip_address"), what)
         if not networks:
             if entry["ip_address"] in (None, "") or entry["ip_address"] == []:
-                self.error(entry.key_locations["ip_address"], f"{what} has no IP addresses")
+                self.error(entry.where("ip_address"), f"{what} has no IP addresses")
             return None
         return Client(
             name=name,
@@ -415,7 +412,7 @@ class _Builder:
         if "allowed_methods" not in entry:
             return None
         value = entry["allowed_methods"]
-        where = entry.key_locations["allowed_methods"]
+        where = entry.where("allowed_methods")
         if not isinstance(value, LocatedList) or not value:
             self.error(where, f"{what}: allowed_methods must be a non-empty list like [GET, POST]")
             return None
@@ -434,7 +431,7 @@ class _Builder:
         parts = urlsplit(target)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
             self.error(
-                entry.key_locations["target_base_url"],
+                entry.where("target_base_url"),
                 f"{what}: target_base_url {target!r} must be an http(s) URL with a host and no query",
             )
             return None
@@ -443,13 +440,13 @@ class _Builder:
         except ValueError:
             port = 0
         if port == 0:  # port 0 would silently become the scheme's default port
-            self.error(entry.key_locations["target_base_url"], f"{what}: bad port in {target!r}")
+            self.error(entry.where("target_base_url"), f"{what}: bad port in {target!r}")
             return None
         if parts.username is not None or parts.password is not None:
             # They would be dropped silently (the request is re-targeted by host and port),
             # and a secret does not belong in the config.
             self.error(
-                entry.key_locations["target_base_url"],
+                entry.where("target_base_url"),
                 f"{what}: target_base_url must not contain credentials (user:password@)",
             )
             return None
@@ -469,13 +466,13 @@ class _Builder:
             hosts.append(host.lower().rstrip("."))
         prefix = self.field(value, "path_prefix", str, "/", f"{what} match")
         if prefix is not None and not prefix.startswith("/"):
-            self.error(value.key_locations["path_prefix"], f"{what}: path_prefix must start with '/'")
+            self.error(value.where("path_prefix"), f"{what}: path_prefix must start with '/'")
             prefix = None
         elif prefix is not None and (normal := _normal_prefix(prefix)) != (prefix.rstrip("/") or "/"):
             # Requests are matched decoded and normalised (policy.normalize_path): a prefix
             # written otherwise would silently never match.
             self.error(
-                value.key_locations["path_prefix"],
+                value.where("path_prefix"),
                 f"{what}: path_prefix {prefix!r} can never match, since request paths are matched "
                 f"percent-decoded and normalised; write {normal!r}",
             )
@@ -490,8 +487,7 @@ class _Builder:
         self.check_keys(entry, ROUTE_KEYS, what)
         overrides: dict[str, RouteOverride] = {}
         raw_overrides = self.field(entry, "environments", LocatedDict, None, what)
-        for env_name, override in (raw_overrides or {}).items():
-            where = raw_overrides.key_locations[env_name]
+        for env_name, override, where in raw_overrides.located_items() if raw_overrides else ():
             if env_name not in environments:
                 self.error(where, f"{what}: unknown environment {env_name!r}{_suggest(env_name, environments)}")
                 continue
@@ -522,14 +518,14 @@ class _Builder:
         digest = self.field(entry, "key_sha256", str, what=what)
         key_type = self.field(entry, "type", str, "live", what)
         if key_type not in ("live", "test", None):
-            self.error(entry.key_locations["type"], f"{what}: type must be 'live' or 'test'")
+            self.error(entry.where("type"), f"{what}: type must be 'live' or 'test'")
         enabled = self.field(entry, "enabled", bool, True, what)
         self.field(entry, "description", str, "", what)
         if digest is None:
             return None
         if not SHA256_HEX.match(digest.lower()):
             self.error(
-                entry.key_locations["key_sha256"],
+                entry.where("key_sha256"),
                 f"{what}: key_sha256 must be 64 hex digits (the SHA-256 of the key, never the key itself)",
             )
             return None
@@ -557,8 +553,7 @@ class _Builder:
             if not isinstance(per_env, LocatedDict):
                 self.error(where, f"assignments.{route_name} must map environments to lists of clients")
                 continue
-            for env_name, names in per_env.items():
-                env_where = per_env.key_locations[env_name]
+            for env_name, names, env_where in per_env.located_items():
                 if env_name not in environments:
                     self.error(
                         env_where,
