@@ -63,14 +63,29 @@ class RangeIndex[Owner: Hashable]:
 
     def __init__(self, ranges: Iterable[tuple[IPNetwork, Owner]], order: dict[Owner, int] | None = None) -> None:
         """``order`` ranks owners so that each lookup lists them in a stable order."""
+        self._build(
+            (
+                (network.version, start, start + network.num_addresses, owner)
+                for network, owner in ranges
+                for start in (int(network.network_address),)
+            ),
+            order,
+        )
+
+    @classmethod
+    def from_intervals(
+        cls, intervals: Iterable[tuple[int, int, int, Owner]], order: dict[Owner, int] | None = None
+    ) -> RangeIndex[Owner]:
+        """From (version, first address, last address + 1, owner), e.g. NetworkSet.intervals()."""
+        index = cls.__new__(cls)
+        index._build(intervals, order)
+        return index
+
+    def _build(self, intervals: Iterable[tuple[int, int, int, Owner]], order: dict[Owner, int] | None) -> None:
         events: dict[int, list[tuple[int, int, Owner]]] = {4: [], 6: []}
         size = 0
-        for network, owner in ranges:
-            # not broadcast_address: it is a cached property that would keep one more
-            # address object alive per range
-            start = int(network.network_address)
-            end = start + (1 << (network.max_prefixlen - network.prefixlen))
-            family = events[network.version]
+        for version, start, end, owner in intervals:
+            family = events[version]
             family.append((start, 1, owner))
             family.append((end, -1, owner))
             size += 1

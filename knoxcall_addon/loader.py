@@ -25,11 +25,13 @@ from knoxcall_addon.model import (
     Environment,
     IPNetwork,
     Location,
+    NetworkSet,
     Problem,
     Route,
     RouteMatch,
     RouteOverride,
     Settings,
+    pack_network,
 )
 from knoxcall_addon.yamlsource import LocatedDict, LocatedList, read_folder
 
@@ -63,28 +65,27 @@ _MISSING = object()
 
 def load_config(folder: str | Path) -> Config:
     """Read, validate and return the config in ``folder``; raise ConfigError otherwise."""
-    global _last_networks
     path = Path(folder)
     sources, version = read_folder(path, reuse=True)
     if not sources:
         raise ConfigError([Problem(Location(str(path), 0), "no config files (*.yaml, *.yml) in this folder")])
-    builder = _Builder(_last_networks)
+    builder = _Builder()
     for source in sources:
         builder.add_file(source.data, str(source.path))
     config = builder.build(version=version, folder=str(path), files=tuple(str(s.path) for s in sources))
-    _last_networks = builder.parsed_networks  # one assignment: safe with loads in other threads
     return config
-
-
-# Address strings of the last successful load and their networks: the next load (a
-# reload) takes the same objects instead of parsing 100k addresses again, which also
-# lets Policy reuse its range index when no client's networks changed.
-_last_networks: dict[str, tuple[IPNetwork, ...]] = {}
 
 
 def parse_networks(value: str, where: Location) -> list[IPNetwork]:
     """Parse "an IP, a CIDR, or 'a, b, c'" into networks; raise ConfigError on any bad part."""
-    networks: list[IPNetwork] = []
+    return list(NetworkSet.from_packed(pack_networks(value, where)))
+
+
+def pack_networks(value: str, where: Location) -> bytes:
+    """parse_networks, packed as in NetworkSet (what the loader keeps)."""
+    if "," not in value and (fast := _pack_plain_network(value)) is not None:
+        return fast
+    packed: list[bytes] = []
     problems: list[Problem] = []
     for part in value.split(","):
         part = part.strip()
@@ -92,12 +93,12 @@ def parse_networks(value: str, where: Location) -> list[IPNetwork]:
             problems.append(Problem(where, f"empty address in {value!r}"))
             continue
         try:
-            networks.append(parse_network(part))
+            packed.append(_pack_plain_network(part) or pack_network(parse_network(part)))
         except ValueError as e:
             problems.append(Problem(where, str(e)))
     if problems:
         raise ConfigError(problems)
-    return networks
+    return b"".join(packed)
 
 
 _PLAIN_IPV4_NETWORK = re.compile(
@@ -107,32 +108,38 @@ _PLAIN_IPV4_NETWORK = re.compile(
 _PLAIN_IPV6_NETWORK = re.compile(r"^([0-9A-Fa-f:]+)(?:/(12[0-8]|1[01][0-9]|[1-9]?[0-9]))?$")
 
 
-def _parse_plain_network(text: str) -> IPNetwork | None:
-    """The common well-formed cases, ~3x faster than ``ip_network(text)`` (100k ranges load in
-    well under a second). Anything unusual returns None and takes the full path below, which
+def _pack_plain_network(text: str) -> bytes | None:
+    """The common well-formed cases, packed, ~5x faster than ``ip_network(text)`` (100k
+    ranges in ~0.1 s). Anything unusual returns None and takes the full path below, which
     gives the same result for what this accepts and the error messages for what it does not."""
     if m := _PLAIN_IPV4_NETWORK.match(text):
-        value = int.from_bytes(socket.inet_aton(m[1]))
+        raw = socket.inet_aton(m[1])
         prefix = int(m[2]) if m[2] is not None else 32
-        if value & ((1 << (32 - prefix)) - 1):
+        if int.from_bytes(raw) & ((1 << (32 - prefix)) - 1):
             return None
-        return ipaddress.IPv4Network((value, prefix))
+        return _V4_HEADS[prefix] + raw
     if m := _PLAIN_IPV6_NETWORK.match(text):
         try:
-            value = int.from_bytes(socket.inet_pton(socket.AF_INET6, m[1]))
+            raw = socket.inet_pton(socket.AF_INET6, m[1])
         except OSError:
             return None
         prefix = int(m[2]) if m[2] is not None else 128
+        value = int.from_bytes(raw)
         if value & ((1 << (128 - prefix)) - 1) or (prefix >= 96 and value >> 32 == 0xFFFF):
             return None  # host bits, or IPv4-mapped: the full path handles those
-        return ipaddress.IPv6Network((value, prefix))
+        return _V6_HEADS[prefix] + raw
     return None
+
+
+# what pack_network puts before an address's bytes, per prefix length
+_V4_HEADS = [pack_network(ipaddress.IPv4Network(("0.0.0.0", p)))[:13] for p in range(33)]
+_V6_HEADS = [pack_network(ipaddress.IPv6Network(("::", p)))[:1] for p in range(129)]
 
 
 def parse_network(text: str) -> IPNetwork:
     """One IP or CIDR, strict about host bits; IPv4-mapped IPv6 becomes IPv4."""
-    if (fast := _parse_plain_network(text)) is not None:
-        return fast
+    if (fast := _pack_plain_network(text)) is not None:
+        return NetworkSet.from_packed(fast)[0]
     if "%" in text:
         raise ValueError(f"{text!r}: zone indexes (%...) are not allowed in config")
     try:
@@ -157,9 +164,7 @@ def parse_network(text: str) -> IPNetwork:
 class _Builder:
     """Collects the files' sections, then validates them into one Config."""
 
-    def __init__(self, known_networks: dict[str, tuple[IPNetwork, ...]] | None = None) -> None:
-        self.known_networks = known_networks or {}  # address strings already parsed (by the last load)
-        self.parsed_networks: dict[str, tuple[IPNetwork, ...]] = {}  # those of this load
+    def __init__(self) -> None:
         self.problems: list[Problem] = []
         self.settings: dict[str, tuple[Any, Location]] = {}
         self.lists: dict[str, list[tuple[Any, Location]]] = {
@@ -337,7 +342,7 @@ class _Builder:
             self.error(where["unmatched_requests"], "settings.unmatched_requests must be 'deny' or 'allow'")
             unmatched = "deny"
 
-        proxies: list[IPNetwork] = []
+        proxies = NetworkSet()
         if "trusted_proxies" in values:
             proxies = self._networks(values["trusted_proxies"], where["trusted_proxies"], "trusted_proxies")
         return Settings(
@@ -354,29 +359,24 @@ class _Builder:
                 return where.file
         return self.folder
 
-    def _networks(self, value: Any, where: Location, what: str) -> list[IPNetwork]:
+    def _networks(self, value: Any, where: Location, what: str) -> NetworkSet:
         """An IP, a CIDR, a comma-separated string of them, or a YAML list of those."""
         if value is None:
-            return []
+            return NetworkSet()
         parts = _one_or_list(value, where)
         if parts is None:
             self.error(where, f"{what} must be an IP, a CIDR, a comma-separated string or a list{_quote_hint(value)}")
-            return []
-        networks: list[IPNetwork] = []
+            return NetworkSet()
+        packed: list[bytes] = []
         for part, part_where in parts:
             if not isinstance(part, str):
                 self.error(part_where, f"{what}: {part!r} must be a string like '10.0.0.0/8'{_quote_hint(part)}")
                 continue
-            parsed = self.known_networks.get(part)
-            if parsed is None:
-                try:
-                    parsed = tuple(parse_networks(part, part_where))
-                except ConfigError as e:
-                    self.problems.extend(e.problems)
-                    continue
-            self.parsed_networks[part] = parsed
-            networks.extend(parsed)
-        return networks
+            try:
+                packed.append(pack_networks(part, part_where))
+            except ConfigError as e:
+                self.problems.extend(e.problems)
+        return NetworkSet.from_packed(b"".join(packed))
 
     def _environment(self, entry: LocatedDict, name: str) -> Environment:
         self.check_keys(entry, ENVIRONMENT_KEYS, f"environment {name!r}")
@@ -401,7 +401,7 @@ class _Builder:
             return None
         return Client(
             name=name,
-            networks=tuple(networks),
+            networks=networks,
             type=client_type if client_type in ("server", "user") else "server",
             enabled=bool(enabled) if enabled is not None else True,
             description=description or "",
