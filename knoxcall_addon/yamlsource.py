@@ -173,9 +173,13 @@ def _read_events(text: str, source_name: str) -> Any:
             if kind is yaml.ScalarEvent:
                 if event.anchor is not None or (event.tag is not None and event.tag != "!"):
                     raise _Unusual
-                tag = resolve(yaml.ScalarNode, event.value, event.implicit)
+                text = event.value
+                if event.implicit[0] and ("/" in text or text.count(".") > 1):
+                    tag = _STR_TAG  # no implicit type (int, float, timestamp...) has these: CIDRs
+                else:
+                    tag = resolve(yaml.ScalarNode, text, event.implicit)
                 if tag == _STR_TAG:
-                    value = event.value
+                    value = text
                 elif (construct := constructors.get(tag)) is not None:
                     node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
                     value = construct(loader, node)
