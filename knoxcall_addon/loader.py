@@ -101,10 +101,6 @@ def pack_networks(value: str, where: Location) -> bytes:
     return b"".join(packed)
 
 
-_PLAIN_IPV4_NETWORK = re.compile(
-    r"^((?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9]))"
-    r"(?:/(3[0-2]|[12]?[0-9]))?$"
-)
 _PLAIN_IPV6_NETWORK = re.compile(r"^([0-9A-Fa-f:]+)(?:/(12[0-8]|1[01][0-9]|[1-9]?[0-9]))?$")
 
 
