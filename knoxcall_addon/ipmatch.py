@@ -10,8 +10,9 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+from array import array
 from bisect import bisect_right
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from operator import itemgetter
 
 from knoxcall_addon.model import IPAddress, IPNetwork
@@ -88,10 +89,14 @@ class RangeIndex[Owner: Hashable]:
             families[version].append((start, end, owner))
             size += 1
         rank = order or {}
-        self._starts: dict[int, list[int]] = {}
+        self._starts: dict[int, Sequence[int]] = {}
         self._owners: dict[int, list[tuple[Owner, ...]]] = {}
         for version, family in families.items():
-            self._starts[version], self._owners[version] = _disjoint(family, rank)
+            starts, self._owners[version] = _disjoint(family, rank)
+            del family[:]  # (start, end, owner) tuples: free them before the next family's
+            # IPv4 boundaries (at most 2**32) fit in 8-byte machine integers: 8 bytes each
+            # instead of ~40 for a list of ints; bisect reads both.
+            self._starts[version] = array("Q", starts) if version == 4 else starts
         self._size = size
 
     def __len__(self) -> int:

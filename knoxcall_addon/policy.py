@@ -124,8 +124,9 @@ class Policy:
         self.access: dict[tuple[str, str], RouteAccess] = {}
         for assignment in config.assignments:
             names = frozenset(assignment.clients)
+            allowed = names & self.enabled_clients
             self.access[(assignment.route, assignment.environment)] = RouteAccess(
-                allowed=names & self.enabled_clients, assigned=names
+                allowed=names if len(allowed) == len(names) else allowed, assigned=names
             )
         self.routes = config.routes
         self.route_table = RouteTable(list(config.routes.values()))

@@ -166,6 +166,7 @@ def _read_events(text: str, source_name: str) -> Any:
             return None
         stack: list[list[Any]] = []  # [container, key, is_mapping, key_seen, key_line]
         locations: dict[int, Location] = {}  # one Location per line where a container starts
+        strings: dict[str, str] = {}  # one object per distinct string: a name is written many times
         root: Any = None
         while True:
             event = get()
@@ -179,7 +180,7 @@ def _read_events(text: str, source_name: str) -> Any:
                 else:
                     tag = resolve(yaml.ScalarNode, text, event.implicit)
                 if tag == _STR_TAG:
-                    value = text
+                    value = strings.setdefault(text, text)
                 elif (construct := constructors.get(tag)) is not None:
                     node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
                     value = construct(loader, node)
@@ -304,7 +305,14 @@ def read_folder(folder: Path, *, reuse: bool = False) -> tuple[list[SourceFile],
             if reuse:
                 content = hashlib.sha256(raw).digest()
                 last = _last_parse.get(str(path))
-                data = last[1] if last is not None and last[0] == content else parse_yaml(text, str(path))
+                if last is not None and last[0] == content:
+                    data = last[1]
+                else:
+                    # Its last parse is of no more use: let the new one take its memory
+                    # (the policy in force holds none of it).
+                    del last
+                    _last_parse.pop(str(path), None)
+                    data = parse_yaml(text, str(path))
                 parsed[str(path)] = (content, data)
             else:
                 data = parse_yaml(text, str(path))
