@@ -76,6 +76,19 @@ class TimedLoad:
     seconds: float  # read + parse + validate + compile
 
 
+def quiet_watchdog_debug() -> None:
+    """Keep watchdog's own DEBUG lines (one per file event) out of the log.
+
+    The config folder's parent is watched too. With debug verbosity and mitmproxy's
+    output written to a file there, each such line is a new event, which is logged,
+    which is a new event...: a log storm at idle. Set a level on the "watchdog" logger
+    yourself to see them anyway.
+    """
+    watchdog_logger = logging.getLogger("watchdog")
+    if watchdog_logger.level == logging.NOTSET:
+        watchdog_logger.setLevel(logging.INFO)
+
+
 def timed_load(folder: str | Path) -> TimedLoad:
     """Load and compile a folder the way a reload does; raise ConfigError if invalid."""
     start = time.perf_counter()
@@ -173,6 +186,7 @@ class FolderWatcher:
     def start(self) -> None:
         """Start the observer, then add the watches: one that fails (e.g. the inotify
         instance limit) is a warning, never an exception in a mitmproxy hook."""
+        quiet_watchdog_debug()
         self._observer.start()
         self._update_watches()
         self._thread.start()
