@@ -48,6 +48,7 @@ from knoxcall_addon.yamlsource import YAML_SUFFIXES, folder_version
 logger = logging.getLogger("knoxcall")
 
 DEBOUNCE_SECONDS = 0.25  # quiet time after the last event before a reload
+SETTLE_SECONDS = 0.05  # ... when that event completed a config file (closed after writing, renamed into place)
 MAX_DELAY_SECONDS = 2.0  # a reload happens at most this long after a burst started
 OPEN_WAIT_SECONDS = 2.0  # a file still open for writing: wait this long for more events
 MAX_OPEN_DELAY_SECONDS = 10.0  # ... but read it at the latest this long after the burst started
@@ -146,6 +147,10 @@ class FolderWatcher:
     latest ``max_delay`` after its first, so that a tool writing without pause cannot
     hold reloads back forever. Events that arrive during a call make one more call.
 
+    When the last event completed a config file (closed after writing, or renamed into
+    place, as editors save), the quiet time is only ``settle``: the write is over, and
+    a tool writing several files still has its next event well within it.
+
     A file that was written to and not yet closed is being written: the call then
     waits for its close (at most ``open_wait`` of silence, ``max_open_delay`` in all),
     so that a slow writer's half-written file is not read, let alone put in force
@@ -160,10 +165,12 @@ class FolderWatcher:
         max_delay: float = MAX_DELAY_SECONDS,
         open_wait: float = OPEN_WAIT_SECONDS,
         max_open_delay: float = MAX_OPEN_DELAY_SECONDS,
+        settle: float = SETTLE_SECONDS,
     ) -> None:
         self.folder = Path(os.path.abspath(folder))
         self._on_quiet = on_quiet
         self._debounce = debounce
+        self._settle = min(settle, debounce)
         self._max_delay = max_delay
         self._open_wait = open_wait
         self._max_open_delay = max_open_delay
@@ -171,6 +178,7 @@ class FolderWatcher:
         self._first_event: float | None = None
         self._last_event = 0.0
         self._writing: set[str] = set()  # files modified and not yet closed
+        self._completed = False  # the last event that counts completed a config file
         self._stopping = False
         self._observer = Observer()
         self._observer.name = "knoxcall-watchdog"
@@ -221,6 +229,14 @@ class FolderWatcher:
                 self._writing.discard(src)
                 if isinstance(event, FileMovedEvent):  # renamed over: a new, complete file
                     self._writing.discard(os.fsdecode(event.dest_path))
+            if isinstance(event, FileClosedEvent):
+                self._completed = self._completed or _is_config_name(src)
+            elif isinstance(event, FileMovedEvent) and _is_config_name(os.fsdecode(event.dest_path)):
+                self._completed = True
+            elif not isinstance(event, DirModifiedEvent) and (event.is_directory or _is_config_name(src)):
+                # (a folder's own "modified" follows any change in it; other files,
+                # e.g. an editor's swap or temp file, are never read)
+                self._completed = False
         self.poke()
 
     def poke(self) -> None:
@@ -236,7 +252,8 @@ class FolderWatcher:
         assert self._first_event is not None
         if self._writing:
             return min(self._last_event + self._open_wait, self._first_event + self._max_open_delay)
-        return min(self._last_event + self._debounce, self._first_event + self._max_delay)
+        quiet = self._settle if self._completed else self._debounce
+        return min(self._last_event + quiet, self._first_event + self._max_delay)
 
     def _run(self) -> None:
         while True:
@@ -256,6 +273,7 @@ class FolderWatcher:
                     )
                 self._first_event = None
                 self._writing.clear()
+                self._completed = False
             self.calls += 1
             try:
                 self._on_quiet()
