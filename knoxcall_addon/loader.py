@@ -371,12 +371,20 @@ class _Builder:
         """An IP, a CIDR, a comma-separated string of them, or a YAML list of those."""
         if value is None:
             return NetworkSet()
-        parts = _one_or_list(value, where)
-        if parts is None:
+        if isinstance(value, str):
+            parts: list[Any] = [value]
+        elif isinstance(value, LocatedList):
+            parts = value
+        else:
             self.error(where, f"{what} must be an IP, a CIDR, a comma-separated string or a list{_quote_hint(value)}")
             return NetworkSet()
         packed: list[bytes] = []
-        for part, part_where in parts:
+        for i, part in enumerate(parts):
+            # the common case first: one plain address or CIDR (no Location made for it)
+            if isinstance(part, str) and (fast := _pack_plain_network(part)) is not None:
+                packed.append(fast)
+                continue
+            part_where = Location(value.location.file, value._lines[i]) if parts is value else where
             if not isinstance(part, str):
                 self.error(part_where, f"{what}: {part!r} must be a string like '10.0.0.0/8'{_quote_hint(part)}")
                 continue
