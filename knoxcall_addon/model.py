@@ -138,7 +138,7 @@ class NetworkSet(Sequence[IPNetwork]):
         return f"NetworkSet({', '.join(str(n) for n in self)})"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Client:
     name: str
     networks: NetworkSet
