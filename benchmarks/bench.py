@@ -455,7 +455,7 @@ def bench_reload(large: Generated, work: Path, quick: bool) -> dict[str, Any]:
         write_small(True)
         # info: the addon's "reloaded in N ms" lines say how much of the latency was loading
         flags = ["--set", "knoxcall_reload=true", "--set", "termlog_verbosity=info"]
-        with mitmdump(up, folder, work / "reload.log", flags) as (port, _):
+        with mitmdump(up, folder, work / "reload.log", flags) as (port, pid):
             if status_of(port, "/reload") != 200:
                 return {"available": True, "error": "expected 200 before the first reload"}
             edits = [("small", write_small, i % 2 == 1) for i in range(2 if quick else 4)]
@@ -477,6 +477,7 @@ def bench_reload(large: Generated, work: Path, quick: bool) -> dict[str, Any]:
                     time.sleep(0.02)  # gently: polling competes with the reload for the GIL
                 else:
                     timeouts += 1
+            rss_after = vm_rss_kib(pid)  # two policies coexist during each reload
     log = (work / "reload.log").read_text("utf-8", "replace")
     load_ms = [int(m) for m in re.findall(r"reloaded in (\d+) ms", log)]
     small, big = latencies["small"], latencies["big"]
@@ -491,6 +492,7 @@ def bench_reload(large: Generated, work: Path, quick: bool) -> dict[str, Any]:
         "big_file_median_s": round(statistics.median(big), 3) if big else None,
         "big_file_max_s": round(max(big), 3) if big else None,
         "timeouts": timeouts,
+        "rss_after_reloads_mb": round(rss_after / 1024, 1) if rss_after else None,
     }
 
 
@@ -549,6 +551,8 @@ def print_table(report: dict[str, Any]) -> None:
             print(f"edit of the 3.5 MB clients file: median {r['big_file_median_s']} s, max {r['big_file_max_s']} s "
                   f"over {r['big_file_latency_s']} (timeouts {r['timeouts']})")  # fmt: skip
             print(f"of which loading and compiling, as the reloader logged it: {r['load_ms_in_reloader']} ms")
+            reloads = len(r["load_ms_in_reloader"])
+            print(f"RSS of that mitmdump after these {reloads} reloads: {r['rss_after_reloads_mb']} MB")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import threading
@@ -75,6 +76,16 @@ _WATCHED_TYPES = tuple(WATCHED_EVENTS)
 class TimedLoad:
     policy: Policy
     seconds: float  # read + parse + validate + compile
+
+
+def release_free_memory() -> None:
+    """Return freed heap memory to the system (glibc ``malloc_trim``); elsewhere a no-op.
+
+    A reload holds two policies for a moment; without this, the process keeps much of
+    that peak as resident memory (with a 100k-range config, ~159 MB after a few reloads
+    instead of ~146)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def quiet_watchdog_debug() -> None:
@@ -469,8 +480,21 @@ class HotReload:
         result = self.attempt()
         if result.status in ("same_error", "unchanged") and not result.cleared_error:
             return  # nothing new: an earlier result (if any is queued) brings the latest policy
+        applied = threading.Event()
+
+        def apply_here() -> None:
+            try:
+                self.apply(result)
+            finally:
+                applied.set()
+
         with contextlib.suppress(RuntimeError):  # the loop is closed: we are shutting down
-            self.loop.call_soon_threadsafe(self.apply, result)
+            self.loop.call_soon_threadsafe(apply_here)
+            if result.status == "loaded" and applied.wait(COMMAND_WAIT_SECONDS):
+                # The policy that was in force is now ours alone (result.base): free it here,
+                # not on the event loop, then give the memory of the load back.
+                del result
+                release_free_memory()
 
     # -- applying (event loop) ---------------------------------------------------------
 

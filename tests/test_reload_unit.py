@@ -583,3 +583,39 @@ def test_new_and_deleted_files_and_sed_in_place_are_seen(tmp_path):
         assert len(set(seen)) == 3
     finally:
         watcher.stop()
+
+
+def test_the_replaced_policy_is_freed_off_the_loop_and_its_memory_released(tmp_path, monkeypatch):
+    """Dropping a 100k-range policy takes a while: the watcher thread does it, after the
+    loop installed the new one, and then hands the memory back (malloc_trim)."""
+    import asyncio
+    import weakref
+
+    from knoxcall_addon import reloader
+
+    released: list[str] = []
+    monkeypatch.setattr(reloader, "release_free_memory", lambda: released.append(threading.current_thread().name))
+    folder = write_config(tmp_path / "cfg")
+    holder = Installed(load_policy(folder))
+    old = weakref.ref(holder.policy)
+    freed_in: list[str] = []
+    weakref.finalize(holder.policy, lambda: freed_in.append(threading.current_thread().name))
+
+    async def scenario() -> None:
+        hot = HotReload(holder.install, lambda: holder.policy, debounce=0.1)
+        hot.set_folder(folder, holder.policy)
+        hot.start(asyncio.get_running_loop())
+        try:
+            (folder / "clients.yaml").write_text(CLIENTS.format(ip="192.0.2.9", assigned="lab"))
+            for _ in range(500):  # bounded: 10 s
+                if released:
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            hot.stop()
+
+    asyncio.run(scenario())
+    assert holder.notes and "reloaded" in holder.notes[0]
+    assert released and released[0].startswith("knoxcall")
+    assert old() is None
+    assert freed_in and freed_in[0].startswith("knoxcall")  # the watcher's thread, not the loop's
