@@ -36,7 +36,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.configgen import BENCH_ROUTE, ENVIRONMENTS, Generated, bench_file, generate
+from benchmarks.configgen import (
+    BENCH_ROUTE,
+    BIG_FILE_CLIENT,
+    ENVIRONMENTS,
+    Generated,
+    bench_file,
+    big_file_client,
+    generate,
+)
 from knoxcall_addon.decision import RequestFacts, decide
 from knoxcall_addon.policy import Policy, forget_previous_load, load_policy
 
@@ -425,46 +433,66 @@ def reload_available() -> bool:
 
 
 def bench_reload(large: Generated, work: Path, quick: bool) -> dict[str, Any]:
+    """Two kinds of edit: of the small bench file, and of the 3.5 MB clients file."""
     if not reload_available():
         return {"available": False, "note": "not available (hot reload not on this main)"}
     folder = work / "reload-config"
     if folder.exists():
         shutil.rmtree(folder)
     shutil.copytree(large.folder, folder)
-    latencies = []
+    clients_text = (folder / "clients.yaml").read_text()
+    (folder / "clients.yaml").write_text(clients_text + big_file_client(allowed=False))
+    latencies: dict[str, list[float]] = {"small": [], "big": []}
     timeouts = 0
+
+    def write_small(allowed: bool) -> None:
+        (folder / "knoxcall.yaml").write_text(bench_file(allowed=allowed))
+
+    def write_big(allowed: bool) -> None:
+        (folder / "clients.yaml").write_text(clients_text + big_file_client(allowed=allowed))
+
     with upstream_process() as up:
-        (folder / "knoxcall.yaml").write_text(bench_file(allowed=True))
+        write_small(True)
         # info: the addon's "reloaded in N ms" lines say how much of the latency was loading
         flags = ["--set", "knoxcall_reload=true", "--set", "termlog_verbosity=info"]
-        with mitmdump(up, folder, work / "reload.log", flags) as (port, _):
-            expected = 200
-            if status_of(port, "/reload") != expected:
-                return {"available": True, "error": f"expected {expected} before the first reload"}
-            for i in range(2 if quick else 4):
-                allowed = i % 2 == 1
+        with mitmdump(up, folder, work / "reload.log", flags) as (port, pid):
+            if status_of(port, "/reload") != 200:
+                return {"available": True, "error": "expected 200 before the first reload"}
+            edits = [("small", write_small, i % 2 == 1) for i in range(2 if quick else 4)]
+            # the big file: first assign the route to its client (small file), then flip the client
+            edits.append(("", lambda _: (folder / "knoxcall.yaml").write_text(
+                bench_file(allowed=True, client=BIG_FILE_CLIENT)), False))  # fmt: skip
+            edits += [("big", write_big, i % 2 == 0) for i in range(2 if quick else 4)]
+            for kind, write, allowed in edits:
                 expected = 200 if allowed else 403
                 time.sleep(1.0)  # let the watcher settle (its debounce, the last reload)
                 start = time.perf_counter()
-                (folder / "knoxcall.yaml").write_text(bench_file(allowed=allowed))
+                write(allowed)
                 deadline = start + 20
                 while time.perf_counter() < deadline:
                     if status_of(port, "/reload") == expected:
-                        latencies.append(time.perf_counter() - start)
+                        if kind:
+                            latencies[kind].append(time.perf_counter() - start)
                         break
                     time.sleep(0.02)  # gently: polling competes with the reload for the GIL
                 else:
                     timeouts += 1
+            rss_after = vm_rss_kib(pid)  # two policies coexist during each reload
     log = (work / "reload.log").read_text("utf-8", "replace")
     load_ms = [int(m) for m in re.findall(r"reloaded in (\d+) ms", log)]
+    small, big = latencies["small"], latencies["big"]
     return {
         "available": True,
         "ranges": large.ranges,
         "load_ms_in_reloader": load_ms,
-        "latency_s": [round(t, 3) for t in latencies],
-        "median_s": round(statistics.median(latencies), 3) if latencies else None,
-        "max_s": round(max(latencies), 3) if latencies else None,
+        "latency_s": [round(t, 3) for t in small],
+        "median_s": round(statistics.median(small), 3) if small else None,
+        "max_s": round(max(small), 3) if small else None,
+        "big_file_latency_s": [round(t, 3) for t in big],
+        "big_file_median_s": round(statistics.median(big), 3) if big else None,
+        "big_file_max_s": round(max(big), 3) if big else None,
         "timeouts": timeouts,
+        "rss_after_reloads_mb": round(rss_after / 1024, 1) if rss_after else None,
     }
 
 
@@ -519,8 +547,12 @@ def print_table(report: dict[str, Any]) -> None:
         elif "error" in r:
             print(r["error"])
         else:
-            print(f"median {r['median_s']} s, max {r['max_s']} s over {r['latency_s']} (timeouts {r['timeouts']})")
+            print(f"edit of the small bench file: median {r['median_s']} s, max {r['max_s']} s over {r['latency_s']}")
+            print(f"edit of the 3.5 MB clients file: median {r['big_file_median_s']} s, max {r['big_file_max_s']} s "
+                  f"over {r['big_file_latency_s']} (timeouts {r['timeouts']})")  # fmt: skip
             print(f"of which loading and compiling, as the reloader logged it: {r['load_ms_in_reloader']} ms")
+            reloads = len(r["load_ms_in_reloader"])
+            print(f"RSS of that mitmdump after these {reloads} reloads: {r['rss_after_reloads_mb']} MB")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,13 +102,14 @@ def generate(
     return Generated(folder, client_list, route_names, assignments, total)
 
 
-def bench_file(*, allowed: bool) -> str:
+def bench_file(*, allowed: bool, client: str = BENCH_CLIENT) -> str:
     """The small file the end-to-end and reload sections use: the loopback client and its route
     (no target: requests go to mitmdump's reverse-mode upstream, as without the addon).
 
     ``allowed=False`` assigns the route to nobody, so that a reload flips loopback callers to 403.
+    ``client`` names another client to assign (defined elsewhere, e.g. by big_file_client).
     """
-    assigned = f"[{BENCH_CLIENT}]" if allowed else "[]"
+    assigned = f"[{client}]" if allowed else "[]"
     envs = "\n".join(f"  - name: {e}" for e in ENVIRONMENTS)
     per_env = "\n".join(f"    {e}: {assigned}" for e in ENVIRONMENTS)
     return (
@@ -118,3 +119,14 @@ def bench_file(*, allowed: bool) -> str:
         f"routes:\n  - name: {BENCH_ROUTE}\n"
         f"assignments:\n  {BENCH_ROUTE}:\n{per_env}\n"
     )
+
+
+BIG_FILE_CLIENT = "bench-loopback-big"
+
+
+def big_file_client(*, allowed: bool) -> str:
+    """An entry to append to clients.yaml: a loopback client, or (``allowed=False``) the same
+    client with another address (config data only, never a destination), so that an edit of
+    the big file flips loopback callers between 200 and 403."""
+    addresses = '[127.0.0.0/8, "::1"]' if allowed else '["10.255.255.254"]'
+    return f"  - name: {BIG_FILE_CLIENT}\n    ip_address: {addresses}\n"

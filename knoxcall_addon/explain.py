@@ -9,7 +9,7 @@ Not on the hot path, so it may scan a client's networks.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from knoxcall_addon.decision import ENVIRONMENT_HEADER, KEY_HEADER, ROUTE_HEADER, Decision, RequestFacts, decide
 from knoxcall_addon.ipmatch import parse_ip
@@ -124,7 +124,40 @@ def explain(policy: Policy, facts: RequestFacts) -> Explanation:
         lines.append(f"  matched: client {decision.client} range {matched}")
     elif decision.reason in ("ip_not_whitelisted", "client_not_assigned", "client_disabled") and client_ip:
         lines += _near_misses(policy, client_ip, decision)
+    elif decision.reason in _REFUSED_BEFORE_THE_IP_CHECK:
+        lines += _ip_check_alone(policy, facts, decision)
     return Explanation(facts, decision, matched, lines)
+
+
+# denials that come before the client check: what would the caller's address get?
+_REFUSED_BEFORE_THE_IP_CHECK = ("method_not_allowed", "invalid_api_key", "api_key_required", "test_key_not_allowed")
+
+
+def _ip_check_alone(policy: Policy, facts: RequestFacts, decision: Decision) -> list[str]:
+    """The same request with the method and key put right, decided again (by ``decide``):
+    so that "is my address allowed?" has an answer even when something else failed first."""
+    route = policy.routes.get(decision.route or "")
+    environment = decision.environment
+    if route is None or environment is None:
+        return []
+    methods = route.methods_for(environment)
+    method = facts.method if not methods or facts.method in methods else sorted(methods)[0]
+    key_name = None
+    if route.requires_api_key:
+        live = [k.name for k in policy.config.api_keys.values() if k.enabled and k.type == "live"]
+        if not live:
+            return ["  with the method and key put right: no enabled live key exists for this route"]
+        key_name = live[0]
+    again = decide(policy, replace(facts, method=method, api_key=None, api_key_name=key_name))
+    fixed = "method and key" if decision.reason == "method_not_allowed" else "key"
+    if again.allowed:
+        how = f"as client {again.client}" if again.client else f"({again.reason})"
+        return [f"  with the {fixed} put right: allowed, {how}"]
+    client_ip = parse_ip(again.client_ip or "") if again.client_ip else None
+    lines = [f"  with the {fixed} put right: still denied, {again.reason}"]
+    if again.reason in ("ip_not_whitelisted", "client_not_assigned", "client_disabled") and client_ip:
+        lines += _near_misses(policy, client_ip, again)
+    return lines
 
 
 def explain_text(

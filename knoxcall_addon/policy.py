@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
-from knoxcall_addon import loader, yamlsource
+from knoxcall_addon import yamlsource
 from knoxcall_addon.ipmatch import RangeIndex
 from knoxcall_addon.loader import load_config
-from knoxcall_addon.model import ApiKey, Config, ConfigError, IPNetwork, Problem, Route
+from knoxcall_addon.model import ApiKey, Config, ConfigError, NetworkSet, Problem, Route
 
 
 @dataclass(frozen=True)
@@ -124,8 +124,9 @@ class Policy:
         self.access: dict[tuple[str, str], RouteAccess] = {}
         for assignment in config.assignments:
             names = frozenset(assignment.clients)
+            allowed = names & self.enabled_clients
             self.access[(assignment.route, assignment.environment)] = RouteAccess(
-                allowed=names & self.enabled_clients, assigned=names
+                allowed=names if len(allowed) == len(names) else allowed, assigned=names
             )
         self.routes = config.routes
         self.route_table = RouteTable(list(config.routes.values()))
@@ -144,14 +145,13 @@ _NO_ACCESS = RouteAccess(frozenset(), frozenset())
 # The last client index built, and what it was built from: an index depends only on
 # the clients' names, order and networks, and is never changed, so a reload that
 # leaves those alone (most edits) takes it as it is.
-_last_client_index: tuple[tuple[tuple[str, tuple[IPNetwork, ...]], ...], RangeIndex[str]] | None = None
+_last_client_index: tuple[tuple[tuple[str, NetworkSet], ...], RangeIndex[str]] | None = None
 
 
 def forget_previous_load() -> None:
     """Make the next load start from scratch (what a fresh process does); for measurements and tests."""
     global _last_client_index
     _last_client_index = None
-    loader._last_networks = {}
     yamlsource._last_parse = {}
 
 
@@ -162,8 +162,12 @@ def _client_index(config: Config) -> RangeIndex[str]:
     if last is not None and last[0] == key:
         return last[1]
     order = {name: i for i, name in enumerate(config.clients)}
-    index: RangeIndex[str] = RangeIndex(
-        ((network, client.name) for client in config.clients.values() for network in client.networks),
+    index: RangeIndex[str] = RangeIndex.from_intervals(
+        (
+            (version, start, end, client.name)
+            for client in config.clients.values()
+            for version, start, end in client.networks.intervals()
+        ),
         order=order,
     )
     _last_client_index = (key, index)  # one assignment: safe with loads in other threads

@@ -43,7 +43,7 @@ from knoxcall_addon.decision import (
 from knoxcall_addon.explain import explain_text
 from knoxcall_addon.model import ConfigError
 from knoxcall_addon.policy import Policy, load_policy
-from knoxcall_addon.reloader import HotReload
+from knoxcall_addon.reloader import HotReload, release_free_memory
 
 logger = logging.getLogger("knoxcall")
 
@@ -177,6 +177,8 @@ class KnoxCall:
                 note = f"was {previous.version}: {diff_configs(previous, policy.config).summary()}" if previous else ""
                 self.install(policy, note)
                 self.reload.set_folder(folder, policy)
+                del previous
+                release_free_memory()  # what loading needed beyond what the policy keeps
                 repoint = True
         if "knoxcall_reload" in updated:
             self._reload_enabled = ctx.options.knoxcall_reload

@@ -8,6 +8,8 @@ mapping are an error here (PyYAML would silently keep the last one).
 from __future__ import annotations
 
 import hashlib
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,17 +22,58 @@ YAML_SUFFIXES = (".yaml", ".yml")
 
 
 class LocatedDict(dict):
-    """A mapping that knows its own location and the line of each key."""
+    """A mapping that knows its own location and the line of each key.
 
+    Key lines are kept as a compact array in key order, not as Location objects: a
+    100k-range config has over 100k lines, and a Location each cost ~10 MB.
+    """
+
+    __slots__ = ("_lines", "location")
     location: Location
-    key_locations: dict[Any, Location]
+    _lines: array[int]
+
+    def where(self, key: Any) -> Location:
+        """The location of ``key`` (which must be in the mapping)."""
+        for i, k in enumerate(self):
+            if k == key:
+                return Location(self.location.file, self._lines[i])
+        raise KeyError(key)
+
+    def located_items(self) -> Iterator[tuple[Any, Any, Location]]:
+        """(key, value, location of the key) for every entry, in order."""
+        file = self.location.file
+        for (key, value), line in zip(self.items(), self._lines, strict=True):
+            yield key, value, Location(file, line)
+
+    @property
+    def key_locations(self) -> dict[Any, Location]:
+        file = self.location.file
+        return {k: Location(file, line) for k, line in zip(self, self._lines, strict=True)}
 
 
 class LocatedList(list):
-    """A list that knows its own location and the line of each item."""
+    """A list that knows its own location and the line of each item (compactly, as above)."""
 
+    __slots__ = ("_lines", "location")
     location: Location
-    item_locations: list[Location]
+    _lines: array[int]
+
+    @property
+    def item_locations(self) -> list[Location]:
+        file = self.location.file
+        return [Location(file, line) for line in self._lines]
+
+
+def _located_dict(location: Location) -> LocatedDict:
+    result = LocatedDict()
+    result.location, result._lines = location, array("I")
+    return result
+
+
+def _located_list(location: Location) -> LocatedList:
+    result = LocatedList()
+    result.location, result._lines = location, array("I")
+    return result
 
 
 @dataclass(frozen=True)
@@ -50,9 +93,7 @@ class _Locating:
 
     def construct_located_mapping(self, node: yaml.MappingNode) -> LocatedDict:
         self.flatten_mapping(node)
-        result = LocatedDict()
-        result.location = self._location(node)
-        result.key_locations = {}
+        result = _located_dict(self._location(node))
         for key_node, value_node in node.value:
             key = self.construct_object(key_node, deep=True)
             try:
@@ -60,7 +101,7 @@ class _Locating:
             except TypeError:
                 raise ConfigError([Problem(self._location(key_node), "a mapping key must be a plain value")]) from None
             if key in result:
-                first = result.key_locations[key]
+                first = result.where(key)
                 raise ConfigError(
                     [
                         Problem(
@@ -72,13 +113,13 @@ class _Locating:
             result[key] = self.construct_object(value_node, deep=True)
             # The key's line, not the value's: a block value starts on the next line,
             # and "unknown key" or "first at line N" must point at the key itself.
-            result.key_locations[key] = self._location(key_node)
+            result._lines.append(key_node.start_mark.line + 1)
         return result
 
     def construct_located_sequence(self, node: yaml.SequenceNode) -> LocatedList:
-        result = LocatedList(self.construct_object(child, deep=True) for child in node.value)
-        result.location = self._location(node)
-        result.item_locations = [self._location(child) for child in node.value]
+        result = _located_list(self._location(node))
+        result.extend(self.construct_object(child, deep=True) for child in node.value)
+        result._lines.extend(child.start_mark.line + 1 for child in node.value)
         return result
 
 
@@ -123,8 +164,9 @@ def _read_events(text: str, source_name: str) -> Any:
         get()  # StreamStartEvent
         if isinstance(get(), yaml.StreamEndEvent):
             return None
-        stack: list[list[Any]] = []  # [container, key, is_mapping, key_seen, key_location]
-        locations: dict[int, Location] = {}  # one Location per line: a key and its value share it
+        stack: list[list[Any]] = []  # [container, key, is_mapping, key_seen, key_line]
+        locations: dict[int, Location] = {}  # one Location per line where a container starts
+        strings: dict[str, str] = {}  # one object per distinct string: a name is written many times
         root: Any = None
         while True:
             event = get()
@@ -132,33 +174,30 @@ def _read_events(text: str, source_name: str) -> Any:
             if kind is yaml.ScalarEvent:
                 if event.anchor is not None or (event.tag is not None and event.tag != "!"):
                     raise _Unusual
-                tag = resolve(yaml.ScalarNode, event.value, event.implicit)
+                text = event.value
+                if event.implicit[0] and ("/" in text or text.count(".") > 1):
+                    tag = _STR_TAG  # no implicit type (int, float, timestamp...) has these: CIDRs
+                else:
+                    tag = resolve(yaml.ScalarNode, text, event.implicit)
                 if tag == _STR_TAG:
-                    value = event.value
+                    value = strings.setdefault(text, text)
                 elif (construct := constructors.get(tag)) is not None:
                     node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
                     value = construct(loader, node)
                 else:
                     raise _Unusual  # e.g. "=" (tag:yaml.org,2002:value)
                 line = event.start_mark.line + 1
-                where = locations.get(line) or locations.setdefault(line, Location(source_name, line))
             elif kind is yaml.MappingStartEvent or kind is yaml.SequenceStartEvent:
                 if event.anchor is not None or (event.tag is not None and event.tag != "!"):
                     raise _Unusual
-                container: Any
-                if kind is yaml.MappingStartEvent:
-                    container = LocatedDict()
-                    container.key_locations = {}
-                else:
-                    container = LocatedList()
-                    container.item_locations = []
                 line = event.start_mark.line + 1
-                container.location = locations.get(line) or locations.setdefault(line, Location(source_name, line))
+                where = locations.get(line) or locations.setdefault(line, Location(source_name, line))
+                container = _located_dict(where) if kind is yaml.MappingStartEvent else _located_list(where)
                 stack.append([container, None, kind is yaml.MappingStartEvent, False, None])
                 continue
             elif kind is yaml.MappingEndEvent or kind is yaml.SequenceEndEvent:
                 value = stack.pop()[0]
-                where = value.location
+                line = value.location.line
             elif kind is yaml.DocumentEndEvent:
                 break
             else:
@@ -169,14 +208,14 @@ def _read_events(text: str, source_name: str) -> Any:
             top = stack[-1]
             if not top[2]:
                 top[0].append(value)
-                top[0].item_locations.append(where)
+                top[0]._lines.append(line)
             elif not top[3]:
                 if kind is not yaml.ScalarEvent or tag.endswith((":merge", ":value")) or value in top[0]:
                     raise _Unusual
-                top[1], top[3], top[4] = value, True, where
+                top[1], top[3], top[4] = value, True, line
             else:
                 top[0][top[1]] = value
-                top[0].key_locations[top[1]] = top[4]  # the key's line, as _Locating records it
+                top[0]._lines.append(top[4])  # the key's line, as _Locating records it
                 top[3] = False
         if not isinstance(get(), yaml.StreamEndEvent):
             raise _Unusual  # several documents: the full loaders say so
@@ -266,7 +305,14 @@ def read_folder(folder: Path, *, reuse: bool = False) -> tuple[list[SourceFile],
             if reuse:
                 content = hashlib.sha256(raw).digest()
                 last = _last_parse.get(str(path))
-                data = last[1] if last is not None and last[0] == content else parse_yaml(text, str(path))
+                if last is not None and last[0] == content:
+                    data = last[1]
+                else:
+                    # Its last parse is of no more use: let the new one take its memory
+                    # (the policy in force holds none of it).
+                    del last
+                    _last_parse.pop(str(path), None)
+                    data = parse_yaml(text, str(path))
                 parsed[str(path)] = (content, data)
             else:
                 data = parse_yaml(text, str(path))

@@ -361,26 +361,31 @@ def test_invalid_config_makes_mitmweb_exit_too(make_config, tmp_path: Path) -> N
     assert f"{config}/k.yaml:3: client 'a' is missing required key 'ip_address'" in output
 
 
+def _streaming_proxy(make_config, upstream: Upstream, tmp_path: Path) -> MitmDump:
+    """Reverse proxy with stream_large_bodies=1k; office (127.0.0.8/29) may call api."""
+    config = make_config(
+        **{
+            "k.yaml": {
+                "environments": [{"name": "production"}],
+                "clients": [{"name": "office", "ip_address": "127.0.0.8/29"}],
+                "routes": [{"name": "api", "target_base_url": upstream.url}],
+                "assignments": {"api": {"production": ["office"]}},
+            }
+        }
+    )
+    return MitmDump(
+        config,
+        mode=f"reverse:{upstream.url}",
+        access_log=tmp_path / "a.jsonl",
+        extra=["--set", "stream_large_bodies=1k", "--set", f"confdir={tmp_path / 'conf'}"],
+    )
+
+
 def test_stream_large_bodies_denials_do_not_crash(make_config, tmp_path: Path) -> None:
     """With stream_large_bodies, a denied large upload is cut off (mitmproxy cannot answer a
     request whose body it streams); nothing reaches the upstream, nothing crashes."""
     with Upstream("main") as upstream:
-        config = make_config(
-            **{
-                "k.yaml": {
-                    "environments": [{"name": "production"}],
-                    "clients": [{"name": "office", "ip_address": "127.0.0.8/29"}],
-                    "routes": [{"name": "api", "target_base_url": upstream.url}],
-                    "assignments": {"api": {"production": ["office"]}},
-                }
-            }
-        )
-        proxy = MitmDump(
-            config,
-            mode=f"reverse:{upstream.url}",
-            access_log=tmp_path / "a.jsonl",
-            extra=["--set", "stream_large_bodies=1k", "--set", f"confdir={tmp_path / 'conf'}"],
-        )
+        proxy = _streaming_proxy(make_config, upstream, tmp_path)
         big = b"x" * 100_000
         with proxy:
             with client_from("127.0.0.9") as office:
@@ -412,21 +417,7 @@ def test_killed_uploads_never_leave_the_caller_waiting(make_config, tmp_path: Pa
     addon closes it at client_disconnected. Many tries, because the race is timing-bound.
     """
     with Upstream("main") as upstream:
-        config = make_config(
-            **{
-                "k.yaml": {
-                    "environments": [{"name": "production"}],
-                    "clients": [{"name": "office", "ip_address": "127.0.0.8/29"}],
-                    "routes": [{"name": "api", "target_base_url": upstream.url}],
-                    "assignments": {"api": {"production": ["office"]}},
-                }
-            }
-        )
-        proxy = MitmDump(
-            config,
-            mode=f"reverse:{upstream.url}",
-            extra=["--set", "stream_large_bodies=1k", "--set", f"confdir={tmp_path / 'conf'}"],
-        )
+        proxy = _streaming_proxy(make_config, upstream, tmp_path)
         big = b"x" * 100_000
         with proxy:
             for attempt in range(60):

@@ -135,6 +135,24 @@ def test_matched_range_and_near_misses(config_dir):
     assert explain_text(policy, "not-an-ip", "api").startswith("error:")
 
 
+def test_a_denial_before_the_ip_check_still_says_what_the_address_gets(config_dir):
+    """A wrong method or key is what the caller hears first; explain also answers
+    "would my address pass?" by deciding again with the method and key put right."""
+    policy = load_policy(config_dir)
+    text = explain(policy, request_for(policy, "10.0.0.5", "keyed")).text()  # no key: api_key_required
+    assert "with the key put right: allowed, as client office" in text
+    text = explain(policy, request_for(policy, "10.3.0.5", "keyed", key_name="gone")).text()
+    assert "invalid_api_key" in text.splitlines()[0]
+    assert "with the key put right: still denied, client_not_assigned" in text
+    assert "client spare (10.3.0.0/24) is not assigned to keyed in production" in text
+    text = explain(policy, request_for(policy, "192.0.2.1", "keyed", key_name="ci-live", method="GET")).text()
+    assert "method_not_allowed" in text.splitlines()[0]
+    assert "with the method and key put right: still denied, ip_not_whitelisted" in text
+    text = explain(policy, request_for(policy, "10.0.0.5", "api", key_name="ci-test")).text()
+    assert "test_key_not_allowed" in text.splitlines()[0]
+    assert "with the key put right: allowed, as client office" in text
+
+
 def test_cli_explain(config_dir):
     out = io.StringIO()
     args = ["explain", "--config", str(config_dir), "--ip", "10.1.0.5", "--route", "api", "--env", "staging"]

@@ -1,4 +1,4 @@
-"""The load-time fast paths (libyaml events, plain CIDR parsing) give exactly what the slow paths give.
+"""The load-time fast paths (libyaml events, plain CIDR parsing, disjoint ranges) give exactly what the slow paths give.
 
 They exist for speed only (scripts/bench): any difference in values, lines or error
 messages would be a behaviour change, so each is compared with the reference path.
@@ -12,8 +12,8 @@ import random
 import pytest
 import yaml
 
-from knoxcall_addon import loader, yamlsource
-from knoxcall_addon.model import ConfigError
+from knoxcall_addon import ipmatch, loader, yamlsource
+from knoxcall_addon.model import ConfigError, NetworkSet
 from knoxcall_addon.yamlsource import LocatedDict, LocatedList
 
 
@@ -76,6 +76,11 @@ DOCUMENTS = [
     "a: 1\n'a': 2\n",  # duplicate through quoting
     "1: a\n1.0: b\n",  # duplicate: 1 == 1.0
     "x: [a, {b: [c, d]}, []]\ny: {}\nz: !!null ''\n",
+    # plain scalars with a slash or two dots are strings without asking the resolvers;
+    # near misses (one dot, timestamps, sexagesimal) still go through them
+    "a: [10.0.0.0/8, 1.2.3.4, 1/2, 2001:db8::/32, .5., 1_0.5.3, 1.2.3, ./x, '1.2.3']\n"
+    "b: [1.5, 1:2:3.5, 1.2e+3, .inf, 2001-12-14t21:59:43.10-05:00, 1:2:3:4:5:6:7:8, 1.]\n"
+    "c: {1.2.3.4: x, 10.0.0.0/8: y}\n",
 ]
 
 
@@ -139,7 +144,9 @@ def _network_texts() -> list[str]:
     rng = random.Random(5)
     texts = ["1.2.3.4", "0.0.0.0/0", "10.0.0.1/8", "01.2.3.4", "1.2.3.4/33", "1.2.3.4/08", "::", "::/0",
              "::ffff:10.0.0.1", "::ffff:a00:0/104", "1::2::3", "12345::", "fe80::1%eth0", "1:2:3:4:5:6:7:8:9",
-             "::/129", "ABCD::/16", "2001:db8::1/32", " 10.0.0.0/8", "10.0.0.0/8 "]  # fmt: skip
+             "::/129", "ABCD::/16", "2001:db8::1/32", " 10.0.0.0/8", "10.0.0.0/8 ", "1.2.3", "1", "0x1.2.3.4",
+             "1.2.3.4 x", "1.2.3.4/", "1.2.3.4/ 8", "1.2.3.4/+8", "1.2.3.4/\u0668", "1.2.3.4//8", "1.2.3.4\n",
+             "1.2.3.4/0", "0.0.0.0/00", "1.2.3.4/032", "256.1.1.1", "1.2.3.4\x00", "\u0661.2.3.4", ""]  # fmt: skip
     for _ in range(3000):
         if rng.random() < 0.5:
             prefix, value = rng.randint(0, 32), rng.getrandbits(32)
@@ -158,10 +165,11 @@ def _network_texts() -> list[str]:
 def test_plain_network_fast_path_agrees_with_ipaddress() -> None:
     taken = 0
     for text in _network_texts():
-        fast = loader._parse_plain_network(text)
-        if fast is None:
+        packed = loader._pack_plain_network(text)
+        if packed is None:
             continue  # left to the full path
         taken += 1
+        fast = NetworkSet.from_packed(packed)[0]
         expected = _reference_network(text)
         assert fast == expected and type(fast) is type(expected), text
     assert taken > 1000  # the fast path is really used
@@ -268,3 +276,49 @@ def test_decide_builds_the_same_decision_objects_as_the_constructor(tmp_path) ->
             got.allowed = not got.allowed  # type: ignore[misc]
     assert {"client", "client_not_assigned", "ip_not_whitelisted", "route_not_found", "environment_not_found",
             "method_not_allowed", "invalid_api_key"} <= reasons  # fmt: skip
+
+
+def _reference_sweep(
+    intervals: list[tuple[int, int, str]], rank: dict[str, int]
+) -> tuple[list[int], list[tuple[str, ...]]]:
+    """The range index's intervals as they were built before the disjoint-range fast path:
+    one sweep over every start and end event."""
+    events = sorted([(s, 1, o) for s, _, o in intervals] + [(e, -1, o) for _, e, o in intervals], key=lambda x: x[0])
+    active: dict[str, int] = {}
+    starts: list[int] = []
+    owners: list[tuple[str, ...]] = []
+    i = 0
+    while i < len(events):
+        position = events[i][0]
+        while i < len(events) and events[i][0] == position:
+            _, delta, owner = events[i]
+            count = active.get(owner, 0) + delta
+            if count:
+                active[owner] = count
+            else:
+                del active[owner]
+            i += 1
+        covering = tuple(sorted(active, key=lambda o: rank.get(o, 0)))
+        if owners and owners[-1] == covering:
+            continue
+        starts.append(position)
+        owners.append(covering)
+    if not starts or starts[0] != 0:
+        starts.insert(0, 0)
+        owners.insert(0, ())
+    return starts, owners
+
+
+def test_range_index_intervals_match_a_single_sweep() -> None:
+    """Disjoint ranges, adjacent ones, nested and repeated ones, ranges at 0 and at the top."""
+    rng = random.Random(7)
+    for _ in range(400):
+        bits = rng.choice([4, 8, 32])
+        intervals = []
+        for _ in range(rng.randint(0, 30)):
+            prefix = rng.randint(0, bits)
+            start = rng.getrandbits(bits) >> (bits - prefix) << (bits - prefix) if prefix else 0
+            intervals.append((start, start + (1 << (bits - prefix)), rng.choice("abcde")))
+        rank = {o: rng.random() for o in "abcde"}
+        expected = _reference_sweep(list(intervals), rank)
+        assert ipmatch._disjoint(list(intervals), rank) == expected, intervals

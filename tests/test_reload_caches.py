@@ -1,4 +1,4 @@
-"""What a load reuses from the last one (parsed files, address strings, the client index)
+"""What a load reuses from the last one (parsed files, the client index)
 never changes its result: every load equals a load from scratch."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from knoxcall_addon import loader, policy, yamlsource
+from knoxcall_addon import policy, yamlsource
 from knoxcall_addon.decision import RequestFacts, decide
 from knoxcall_addon.model import ConfigError
 from knoxcall_addon.policy import load_policy
@@ -23,7 +23,7 @@ BASE = {
 def fresh(folder: Path) -> policy.Policy:
     """A load with nothing to reuse."""
     policy.forget_previous_load()
-    assert not yamlsource._last_parse and not loader._last_networks and policy._last_client_index is None
+    assert not yamlsource._last_parse and policy._last_client_index is None
     return load_policy(folder)
 
 

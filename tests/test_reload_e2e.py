@@ -324,3 +324,27 @@ def test_commands_from_mitmweb_command_bar(tmp_path, upstream):
             write_in_place(folder, "clients.yaml", REFUSED)
             answer = run("knoxcall.reload")
             assert "loaded" in answer and "assignments ~api/production(-office)" in answer
+
+
+def test_debug_logging_into_the_config_folders_parent_does_not_feed_itself(tmp_path, upstream):
+    """The parent folder is watched (for the config folder being replaced). With mitmdump's
+    output in that folder and debug verbosity, each of watchdog's own per-event debug lines
+    used to be an event again: a log storm at idle. Idle must stay (nearly) quiet."""
+    folder = tmp_path / "config"
+    folder.mkdir()
+    (folder / "base.yaml").write_text(BASE)
+    (folder / "clients.yaml").write_text(ALLOWED)
+    proxy = MitmDump(
+        folder,
+        mode=f"reverse:{upstream.url}",
+        log_path=tmp_path / "mitmdump.log",  # next to the config folder, in the watched parent
+        extra=["--set", "termlog_verbosity=debug"],
+    )
+    with proxy, client_from(CALLER) as client:
+        assert get(client, proxy).status_code == 200  # running, and logging at debug
+        time.sleep(1.0)
+        before = len(proxy.log_text())
+        time.sleep(1.0)
+        grown = proxy.log_text()[before:]
+    assert "knoxcall: allowed" in proxy.log_text()
+    assert len(grown) < 2000, grown[-2000:]

@@ -80,7 +80,9 @@ def test_a_burst_of_file_writes_gives_one_call(tmp_path):
     folder = write_config(tmp_path / "cfg")
     calls: list[str] = []
     # A generous quiet time: the machine is shared, a burst must not be cut by a stall.
-    watcher = FolderWatcher(folder, lambda: calls.append(folder_version(folder)), debounce=1.5, max_delay=60)
+    watcher = FolderWatcher(
+        folder, lambda: calls.append(folder_version(folder)), debounce=1.5, max_delay=60, settle=1.5
+    )
     watcher.start()
     try:
         for i in range(10):
@@ -95,6 +97,44 @@ def test_a_burst_of_file_writes_gives_one_call(tmp_path):
     finally:
         watcher.stop()
     assert not watcher.is_alive()
+
+
+@pytest.mark.parametrize("how", ["in_place", "rename_over"])
+def test_a_completed_save_is_read_without_the_full_debounce(tmp_path, how):
+    """A save that ends with the file closed (or renamed into place) needs no long quiet time.
+    The debounce here is 60 s: only the short settle time can bring the call in time."""
+    folder = write_config(tmp_path / "cfg")
+    seen, record = calls_recorder(folder)
+    watcher = FolderWatcher(folder, record, debounce=60, max_delay=120, settle=0.05)
+    watcher.start()
+    try:
+        text = CLIENTS.format(ip="192.0.2.9", assigned="lab")
+        if how == "in_place":
+            (folder / "clients.yaml").write_text(text)
+        else:
+            (folder / ".clients.yaml.tmp").write_text(text)
+            os.replace(folder / ".clients.yaml.tmp", folder / "clients.yaml")
+        assert wait_until(lambda: len(seen) == 1, timeout=30)
+        assert seen[0] == folder_version(folder)
+    finally:
+        watcher.stop()
+
+
+def test_an_unfinished_change_waits_for_the_full_debounce(tmp_path):
+    """A new folder, a deleted file or a swap file is no completed save: the debounce holds."""
+    folder = write_config(tmp_path / "cfg")
+    seen, record = calls_recorder(folder)
+    watcher = FolderWatcher(folder, record, debounce=3.0, max_delay=120, settle=0.05)
+    watcher.start()
+    try:
+        (folder / "clients.yaml").write_text(CLIENTS.format(ip="192.0.2.9", assigned="lab"))
+        (folder / "base.yaml").unlink()  # after the save: the burst is not over
+        (folder / ".base.yaml.swp").write_text("swap")  # closed, but never read
+        time.sleep(1.0)
+        assert seen == []
+        assert wait_until(lambda: len(seen) == 1)
+    finally:
+        watcher.stop()
 
 
 def calls_recorder(folder: Path) -> tuple[list[str], Callable[[], None]]:
@@ -543,3 +583,39 @@ def test_new_and_deleted_files_and_sed_in_place_are_seen(tmp_path):
         assert len(set(seen)) == 3
     finally:
         watcher.stop()
+
+
+def test_the_replaced_policy_is_freed_off_the_loop_and_its_memory_released(tmp_path, monkeypatch):
+    """Dropping a 100k-range policy takes a while: the watcher thread does it, after the
+    loop installed the new one, and then hands the memory back (malloc_trim)."""
+    import asyncio
+    import weakref
+
+    from knoxcall_addon import reloader
+
+    released: list[str] = []
+    monkeypatch.setattr(reloader, "release_free_memory", lambda: released.append(threading.current_thread().name))
+    folder = write_config(tmp_path / "cfg")
+    holder = Installed(load_policy(folder))
+    old = weakref.ref(holder.policy)
+    freed_in: list[str] = []
+    weakref.finalize(holder.policy, lambda: freed_in.append(threading.current_thread().name))
+
+    async def scenario() -> None:
+        hot = HotReload(holder.install, lambda: holder.policy, debounce=0.1)
+        hot.set_folder(folder, holder.policy)
+        hot.start(asyncio.get_running_loop())
+        try:
+            (folder / "clients.yaml").write_text(CLIENTS.format(ip="192.0.2.9", assigned="lab"))
+            for _ in range(500):  # bounded: 10 s
+                if released:
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            hot.stop()
+
+    asyncio.run(scenario())
+    assert holder.notes and "reloaded" in holder.notes[0]
+    assert released and released[0].startswith("knoxcall")
+    assert old() is None
+    assert freed_in and freed_in[0].startswith("knoxcall")  # the watcher's thread, not the loop's
