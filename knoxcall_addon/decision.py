@@ -109,20 +109,19 @@ class Decision:
 
     def summary(self) -> str:
         """One line for the event log and the flow comment."""
-        parts = [
-            f"knoxcall: {self.decision} {self.reason} {self.client_ip or '-'}",
-            f"route={self.route or '-'}",
-            f"env={self.environment or '-'}",
-        ]
+        line = (
+            f"knoxcall: {'allowed' if self.allowed else 'denied'} {self.reason} {self.client_ip or '-'} "
+            f"route={self.route or '-'} env={self.environment or '-'}"
+        )
         if self.client:
-            parts.append(f"client={self.client}")
+            line += f" client={self.client}"
         if self.api_key:
-            parts.append(f"key={self.api_key}")
+            line += f" key={self.api_key}"
         if self.peer_ip != self.client_ip:
-            parts.append(f"peer={self.peer_ip or '-'}")
+            line += f" peer={self.peer_ip or '-'}"
         if self.detail:
-            parts.append(f"({self.detail})")
-        return " ".join(parts)
+            line += f" ({self.detail})"
+        return line
 
     def fields(self) -> dict[str, Any]:
         """The decision as a flat mapping, for flow metadata and the access log."""
@@ -191,8 +190,11 @@ def _parsed_peer(peer: str) -> tuple[IPAddress | None, str | None]:
 def decide(policy: Policy, facts: RequestFacts) -> Decision:
     """The decision for one HTTP request, in the documented order of checks."""
     settings = policy.settings
-    client_ip, peer_ip = resolve_client_ip(policy, facts.peer, facts.forwarded_for)
-    peer_ip_text = _parsed_peer(facts.peer)[1]
+    peer_ip, peer_ip_text = _parsed_peer(facts.peer)
+    if facts.forwarded_for:  # only then can a trusted proxy name another client
+        client_ip = resolve_client_ip(policy, facts.peer, facts.forwarded_for)[0]
+    else:
+        client_ip = peer_ip
     if client_ip is peer_ip:  # the usual case: no trusted proxy in between; str() once
         client_ip_text = peer_ip_text
     else:

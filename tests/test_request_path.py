@@ -164,6 +164,44 @@ def test_peer_cache_gives_what_parse_ip_gives(monkeypatch) -> None:
             assert len(decision._peers) <= 5
 
 
+def former_summary(d: decision.Decision) -> str:
+    parts = [
+        f"knoxcall: {d.decision} {d.reason} {d.client_ip or '-'}",
+        f"route={d.route or '-'}",
+        f"env={d.environment or '-'}",
+    ]
+    if d.client:
+        parts.append(f"client={d.client}")
+    if d.api_key:
+        parts.append(f"key={d.api_key}")
+    if d.peer_ip != d.client_ip:
+        parts.append(f"peer={d.peer_ip or '-'}")
+    if d.detail:
+        parts.append(f"({d.detail})")
+    return " ".join(parts)
+
+
+def test_summary_line_unchanged() -> None:
+    options = [None, "", "x"]
+    for allowed in (True, False):
+        for client_ip, peer_ip in [
+            ("127.0.0.1", "127.0.0.1"),
+            ("203.0.113.9", "127.0.0.50"),
+            (None, None),
+            (None, "::1"),
+        ]:
+            for route in options:
+                for client in options:
+                    for api_key in options:
+                        for detail in ["", "why"]:
+                            d = decision.Decision(
+                                allowed, "client" if allowed else "ip_not_whitelisted", 0 if allowed else 403,
+                                client_ip, peer_ip, route=route, environment=route, client=client, api_key=api_key,
+                                detail=detail,
+                            )  # fmt: skip
+                            assert d.summary() == former_summary(d)
+
+
 # -- decision lines: made only when a handler takes them ----------------------------------
 
 
