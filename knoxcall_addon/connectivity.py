@@ -8,6 +8,7 @@ Hosts that block ICMP show Down although they may be online: ICMP is not the API
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -77,9 +78,10 @@ def targets(config: Config, include_all: bool = False) -> list[PingTarget]:
     for client in config.clients.values():
         if not include_all and (client.type != "server" or not client.enabled):
             continue
-        for network in client.networks:
-            if network.num_addresses == 1:
-                result.append(PingTarget(client.name, str(network.network_address)))
+        for version, start, end in client.networks.intervals():  # no network objects for ranges
+            if end - start == 1:
+                address = ipaddress.IPv4Address(start) if version == 4 else ipaddress.IPv6Address(start)
+                result.append(PingTarget(client.name, str(address)))
     return result
 
 
