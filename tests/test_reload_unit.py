@@ -99,6 +99,15 @@ def test_a_burst_of_file_writes_gives_one_call(tmp_path):
     assert not watcher.is_alive()
 
 
+def calls_recorder(folder: Path) -> tuple[list[str], Callable[[], None]]:
+    seen: list[str] = []
+
+    def record() -> None:
+        seen.append(folder_version(folder))
+
+    return seen, record
+
+
 @pytest.mark.parametrize("how", ["in_place", "rename_over"])
 def test_a_completed_save_is_read_without_the_full_debounce(tmp_path, how):
     """A save that ends with the file closed (or renamed into place) needs no long quiet time.
@@ -135,15 +144,6 @@ def test_an_unfinished_change_waits_for_the_full_debounce(tmp_path):
         assert wait_until(lambda: len(seen) == 1)
     finally:
         watcher.stop()
-
-
-def calls_recorder(folder: Path) -> tuple[list[str], Callable[[], None]]:
-    seen: list[str] = []
-
-    def record() -> None:
-        seen.append(folder_version(folder))
-
-    return seen, record
 
 
 def test_a_file_still_open_for_writing_is_not_read_half_written(tmp_path):
