@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -84,7 +85,9 @@ def release_free_memory() -> None:
     A reload holds two policies for a moment; without this, the process keeps much of
     that peak as resident memory (with a 100k-range config, ~159 MB after a few reloads
     instead of ~146)."""
-    with contextlib.suppress(OSError, AttributeError):
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):  # e.g. musl has no malloc_trim
         ctypes.CDLL(None).malloc_trim(0)
 
 
