@@ -122,13 +122,14 @@ def explain(policy: Policy, facts: RequestFacts) -> Explanation:
     if decision.allowed and decision.reason == "client" and decision.client and client_ip is not None:
         matched = best_range(config.clients[decision.client], client_ip)
         lines.append(f"  matched: client {decision.client} range {matched}")
-    elif decision.reason in ("ip_not_whitelisted", "client_not_assigned", "client_disabled") and client_ip:
-        lines += _near_misses(policy, client_ip, decision)
+    elif decision.reason in _REFUSED_BY_THE_IP_CHECK:
+        lines += _near_misses_of(policy, decision)
     elif decision.reason in _REFUSED_BEFORE_THE_IP_CHECK:
         lines += _ip_check_alone(policy, facts, decision)
     return Explanation(facts, decision, matched, lines)
 
 
+_REFUSED_BY_THE_IP_CHECK = ("ip_not_whitelisted", "client_not_assigned", "client_disabled")
 # denials that come before the client check: what would the caller's address get?
 _REFUSED_BEFORE_THE_IP_CHECK = ("method_not_allowed", "invalid_api_key", "api_key_required", "test_key_not_allowed")
 
@@ -153,11 +154,16 @@ def _ip_check_alone(policy: Policy, facts: RequestFacts, decision: Decision) -> 
     if again.allowed:
         how = f"as client {again.client}" if again.client else f"({again.reason})"
         return [f"  with the {fixed} put right: allowed, {how}"]
-    client_ip = parse_ip(again.client_ip or "") if again.client_ip else None
     lines = [f"  with the {fixed} put right: still denied, {again.reason}"]
-    if again.reason in ("ip_not_whitelisted", "client_not_assigned", "client_disabled") and client_ip:
-        lines += _near_misses(policy, client_ip, again)
+    if again.reason in _REFUSED_BY_THE_IP_CHECK:
+        lines += _near_misses_of(policy, again)
     return lines
+
+
+def _near_misses_of(policy: Policy, decision: Decision) -> list[str]:
+    """_near_misses for a decision refused by the client check (none without a client IP)."""
+    client_ip = parse_ip(decision.client_ip) if decision.client_ip else None
+    return _near_misses(policy, client_ip, decision) if client_ip is not None else []
 
 
 def explain_text(

@@ -83,8 +83,6 @@ def parse_networks(value: str, where: Location) -> list[IPNetwork]:
 
 def pack_networks(value: str, where: Location) -> bytes:
     """parse_networks, packed as in NetworkSet (what the loader keeps)."""
-    if "," not in value and (fast := _pack_plain_network(value)) is not None:
-        return fast
     packed: list[bytes] = []
     problems: list[Problem] = []
     for part in value.split(","):
@@ -384,7 +382,7 @@ class _Builder:
             if isinstance(part, str) and (fast := _pack_plain_network(part)) is not None:
                 packed.append(fast)
                 continue
-            part_where = Location(value.location.file, value._lines[i]) if parts is value else where
+            part_where = value.where(i) if parts is value else where
             if not isinstance(part, str):
                 self.error(part_where, f"{what}: {part!r} must be a string like '10.0.0.0/8'{_quote_hint(part)}")
                 continue

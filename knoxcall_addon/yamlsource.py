@@ -58,6 +58,10 @@ class LocatedList(list):
     location: Location
     _lines: array[int]
 
+    def where(self, index: int) -> Location:
+        """The location of item ``index``."""
+        return Location(self.location.file, self._lines[index])
+
     @property
     def item_locations(self) -> list[Location]:
         file = self.location.file
