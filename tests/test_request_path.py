@@ -22,10 +22,11 @@ from mitmproxy.proxy import mode_specs
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import tflow, tutils
 
-from knoxcall_addon import decision, proxy_addon
+from knoxcall_addon import decision, eventlog, gate
 from knoxcall_addon.decision import ENVIRONMENT_HEADER, KEY_HEADER, ROUTE_HEADER, RequestFacts, request_facts_of
+from knoxcall_addon.gate import read_request, requested_host
 from knoxcall_addon.ipmatch import parse_ip
-from knoxcall_addon.proxy_addon import KnoxCall, read_request, requested_host
+from knoxcall_addon.proxy_addon import KnoxCall
 from tests.test_addon_unit import config_dir, make_flow, tctx  # noqa: F401  (fixtures)
 
 # -- reading the request in one pass ----------------------------------------------------
@@ -50,7 +51,7 @@ def reference(flow: HTTPFlow, policy: Any) -> tuple[RequestFacts, str, str | Non
                 others.append(flow.client_conn.sni)
     headers = request.headers
     facts = RequestFacts(
-        peer=proxy_addon.peer_host(flow),
+        peer=gate.peer_host(flow),
         method=request.method,
         host=host.lower().rstrip("."),
         path=request.path,
@@ -59,7 +60,7 @@ def reference(flow: HTTPFlow, policy: Any) -> tuple[RequestFacts, str, str | Non
         api_key=headers.get(KEY_HEADER),
         forwarded_for=tuple(headers.get_all(policy.settings.client_ip_header)),
         other_hosts=tuple(
-            proxy_addon._authority_host(name) for name in others if not proxy_addon._same_host(name, host)
+            gate._authority_host(name) for name in others if not gate._same_host(name, host)
         ),
     )
     return facts, caller_host, headers.get("user-agent")
@@ -118,7 +119,7 @@ def test_read_request_agrees_with_the_headers_api(client_ip_header: str) -> None
         facts = got[0]
         assert repr(facts) == repr(expected[0])
         assert read_request(flow, policy, flow.request.method, flow.request.path) == expected  # type: ignore[arg-type]
-        assert proxy_addon.request_facts(flow, policy) == expected[0]  # type: ignore[arg-type]
+        assert gate.request_facts(flow, policy) == expected[0]  # type: ignore[arg-type]
 
 
 def test_request_facts_of_builds_the_same_object_as_the_constructor() -> None:
@@ -257,7 +258,7 @@ def test_allowed_line_made_only_for_a_handler_that_takes_info(own_handlers) -> N
     knoxcall_logger = cut_off()
     terminal = Keep(logging.WARNING)  # as mitmdump's terminal with termlog_verbosity=warn
     legacy = Keep(logging.NOTSET)  # as mitmproxy's add_log events, which drop decision lines
-    legacy.addFilter(proxy_addon._SKIP_LEGACY)
+    legacy.addFilter(eventlog.SKIP_LEGACY)
     knoxcall_logger.addHandler(terminal)
     knoxcall_logger.addHandler(legacy)
 
