@@ -11,6 +11,7 @@ import hmac
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from knoxcall_addon.canonical import MAX_TARGET_LENGTH, canonical_host, path_problem
 from knoxcall_addon.ipmatch import parse_ip
 from knoxcall_addon.model import ApiKey, IPAddress
 from knoxcall_addon.policy import Policy, normalize_path
@@ -23,6 +24,9 @@ HEADER_PREFIX = "x-knoxcall-"
 
 ALLOWED_REASONS = ("client", "test_key", "open_route", "unmatched_allowed")
 DENIED_REASONS = (
+    "path_not_canonical",
+    "uri_too_long",
+    "host_invalid",
     "ip_not_whitelisted",
     "client_not_assigned",
     "client_disabled",
@@ -53,6 +57,8 @@ class RequestFacts:
     # absolute-form authority), ports removed: each must name ``host``, or an upstream could
     # serve another host than the one the route was chosen for.
     other_hosts: tuple[str, ...] = ()
+    # A Host header or :authority that is not exactly host[:port] (refused, see canonical.py)
+    bad_authority: str | None = None
 
 
 def request_facts_of(
@@ -65,6 +71,7 @@ def request_facts_of(
     api_key: str | None,
     forwarded_for: tuple[str, ...],
     other_hosts: tuple[str, ...],
+    bad_authority: str | None = None,
 ) -> RequestFacts:
     """``RequestFacts(...)`` (no api_key_name) without the frozen dataclass __init__.
 
@@ -83,6 +90,7 @@ def request_facts_of(
     attributes["forwarded_for"] = forwarded_for
     attributes["api_key_name"] = None
     attributes["other_hosts"] = other_hosts
+    attributes["bad_authority"] = bad_authority
     return facts
 
 
@@ -205,36 +213,43 @@ def decide(policy: Policy, facts: RequestFacts) -> Decision:
         "config_version": policy.version,
     }
 
-    # 2. route (for one host: a request that names two is refused, whatever it asks for)
+    # 2. the request's own spelling: one canonical path and host, or refused (canonical.py)
+    if len(facts.path) > MAX_TARGET_LENGTH:
+        return _deny(base, "uri_too_long", detail=f"request target of {len(facts.path)} characters")
+    problem = path_problem(facts.path)
+    if problem is not None:
+        return _deny(base, "path_not_canonical", detail=problem)
+    if facts.bad_authority is not None:
+        return _deny(base, "host_invalid", detail=f"Host {_capped(facts.bad_authority)!r} is not host[:port]")
+    host = canonical_host(facts.host) if facts.host else ""
+    if host is None:
+        return _deny(base, "host_invalid", detail=f"host {_capped(facts.host)!r} is not in standard notation")
+
+    # 3. route (for one host: a request that names two is refused, whatever it asks for)
     for other in facts.other_hosts:
-        if _host_key(other) != _host_key(facts.host):
-            detail = f"the request names host {other!r} but goes to {facts.host!r}"
+        if canonical_host(other) != host:
+            detail = f"the request names host {_capped(other)!r} but goes to {host!r}"
             return _deny(base, "route_not_found", route=facts.route, detail=detail)
     if facts.route is not None:
         route = policy.routes.get(facts.route)
         if route is None or not route.enabled:
             why = "unknown route" if route is None else "route is disabled"
             return _deny(base, "route_not_found", route=facts.route, detail=why)
-        if route.match is not None and not _fits(route, facts):
+        if route.match is not None and not _fits(route, host, facts.path):
             return _deny(base, "route_not_found", route=facts.route, detail="request does not fit the route's match")
     else:
-        route = policy.route_table.find(facts.host, facts.path)
+        route = policy.route_table.find(host, facts.path)
         if route is None:
             if settings.unmatched_requests == "allow":
                 return _decision(True, "unmatched_allowed", 0, base)
-            return _deny(base, "route_not_found", route=None, detail=f"no route matches {facts.host}{facts.path}")
+            return _deny(base, "route_not_found", route=None, detail=f"no route matches {host}{_capped(facts.path)}")
 
-    # 3. environment
+    # 4. environment
     environment = facts.environment if facts.environment is not None else settings.default_environment
     if environment not in policy.config.environments:
         return _deny(base, "environment_not_found", route=route.name, environment=environment)
     base["route"] = route.name
     base["environment"] = environment
-
-    # 4. method
-    methods = route.methods_for(environment)
-    if methods is not None and facts.method.upper() not in methods:
-        return _deny(base, "method_not_allowed", allow_methods=tuple(sorted(methods)))
 
     # 5. API key
     key: ApiKey | None = None
@@ -249,18 +264,19 @@ def decide(policy: Policy, facts: RequestFacts) -> Decision:
     elif route.requires_api_key:
         return _deny(base, "api_key_required")
 
-    # 6. clients
+    # 6. clients, then 7. method: a caller the client check refuses learns nothing of the
+    # route beyond "IP not authorized" (not even its methods)
     if key is not None and key.type == "test":
         if environment == settings.default_environment:
             return _deny(base, "test_key_not_allowed")
-        return _allow(base, "test_key", route, environment)
+        return _allowed_method(base, "test_key", route, environment, facts.method)
     if not route.requires_clients:
-        return _allow(base, "open_route", route, environment)
+        return _allowed_method(base, "open_route", route, environment, facts.method)
     access = policy.access_for(route.name, environment)
     covering = policy.clients_by_ip.lookup(client_ip) if client_ip is not None else ()
     for name in covering:
         if name in access.allowed:
-            return _allow(base, "client", route, environment, client=name)
+            return _allowed_method(base, "client", route, environment, facts.method, client=name)
     disabled_here = [n for n in covering if n in access.assigned]
     if disabled_here:
         return _deny(base, "client_disabled", client=disabled_here[0], detail=f"client {disabled_here[0]} is disabled")
@@ -275,6 +291,16 @@ def decide(policy: Policy, facts: RequestFacts) -> Decision:
     if covering:
         return _deny(base, "client_disabled", client=covering[0], detail=f"client {covering[0]} is disabled")
     return _deny(base, "ip_not_whitelisted")
+
+
+def _allowed_method(
+    base: dict[str, Any], reason: str, route: Any, environment: str, method: str, client: str | None = None
+) -> Decision:
+    """7. method: allowed by every other check; refused only for its method."""
+    methods = route.methods_for(environment)
+    if methods is not None and method.upper() not in methods:
+        return _deny(base, "method_not_allowed", client=client, allow_methods=tuple(sorted(methods)))
+    return _allow(base, reason, route, environment, client)
 
 
 def decide_connection(policy: Policy, peer: str, *, tunnel: bool) -> Decision:
@@ -327,18 +353,23 @@ def internal_error(client_ip: str | None, peer_ip: str | None, detail: str, vers
     )
 
 
-def _host_key(host: str) -> str:
-    return host.strip().strip("[]").lower().rstrip(".")
+_MESSAGE_VALUE_CHARS = 200
 
 
-def _fits(route: Any, facts: RequestFacts) -> bool:
+def _capped(text: str) -> str:
+    """A caller's value as it may go into a log line: at most _MESSAGE_VALUE_CHARS characters."""
+    if len(text) <= _MESSAGE_VALUE_CHARS:
+        return text
+    return f"{text[:_MESSAGE_VALUE_CHARS]}... ({len(text)} characters)"
+
+
+def _fits(route: Any, host: str, path: str) -> bool:
     """Does the request fit this route's own match (hosts and path prefix)?"""
     match = route.match
-    host = facts.host.lower().rstrip(".")
     if match.hosts and not any(host == h or (h.startswith("*.") and host.endswith(h[1:])) for h in match.hosts):
         return False
     prefix = match.path_prefix
-    path = normalize_path(facts.path)
+    path = normalize_path(path)
     return prefix == "/" or path == prefix or path.startswith(prefix + "/")
 
 
@@ -370,6 +401,9 @@ def _decision(allowed: bool, reason: str, status: int, values: dict[str, Any]) -
 
 
 _DENIAL_MESSAGES = {
+    "path_not_canonical": (400, "Bad request"),
+    "host_invalid": (400, "Bad request"),
+    "uri_too_long": (414, "URI too long"),
     "route_not_found": (404, "Route not found"),
     "environment_not_found": (404, "Environment not found"),
     "method_not_allowed": (405, "Method not allowed"),
@@ -387,7 +421,9 @@ def _deny(base: dict[str, Any], reason: str, **extra: Any) -> Decision:
     status, message = _DENIAL_MESSAGES[reason]
     values = {**base, **extra}
     body: dict[str, Any] = {"error": message, "status": status}
-    if reason == "route_not_found":
+    if status in (400, 414):
+        body["reason"] = reason
+    elif reason == "route_not_found":
         body["route"] = values.get("route")
     elif reason == "environment_not_found":
         body["environment"] = values.get("environment")

@@ -131,7 +131,8 @@ def explain(policy: Policy, facts: RequestFacts) -> Explanation:
 
 _REFUSED_BY_THE_IP_CHECK = ("ip_not_whitelisted", "client_not_assigned", "client_disabled")
 # denials that come before the client check: what would the caller's address get?
-_REFUSED_BEFORE_THE_IP_CHECK = ("method_not_allowed", "invalid_api_key", "api_key_required", "test_key_not_allowed")
+# (the method is checked after the clients: a method_not_allowed caller's address passed)
+_REFUSED_BEFORE_THE_IP_CHECK = ("invalid_api_key", "api_key_required", "test_key_not_allowed")
 
 
 def _ip_check_alone(policy: Policy, facts: RequestFacts, decision: Decision) -> list[str]:
@@ -150,7 +151,7 @@ def _ip_check_alone(policy: Policy, facts: RequestFacts, decision: Decision) -> 
             return ["  with the method and key put right: no enabled live key exists for this route"]
         key_name = live[0]
     again = decide(policy, replace(facts, method=method, api_key=None, api_key_name=key_name))
-    fixed = "method and key" if decision.reason == "method_not_allowed" else "key"
+    fixed = "method and key" if method != facts.method else "key"
     if again.allowed:
         how = f"as client {again.client}" if again.client else f"({again.reason})"
         return [f"  with the {fixed} put right: allowed, {how}"]

@@ -14,6 +14,7 @@ from mitmproxy import http
 from mitmproxy.net.http import url
 from mitmproxy.proxy import mode_specs
 
+from knoxcall_addon.canonical import authority_host
 from knoxcall_addon.decision import (
     ENVIRONMENT_HEADER,
     HEADER_PREFIX,
@@ -129,12 +130,16 @@ def read_request(
     # request.host_header, from the fields read above
     host_header = (request.authority or _folded(host_fields)) if http2 else _folded(host_fields)
     caller_host = _authority_host(host_header) if host_header else request.host
+    # Exactly host[:port], or the request is refused (decide() reads bad_authority first).
+    bad_authority = host_header if host_header and authority_host(host_header) is None else None
     mode = flow.client_conn.proxy_mode
     others: list[str] = []
+    if http2 and request.authority and host_fields:
+        others.append(_folded(host_fields) or "")  # :authority and Host: one host, or refused
     if isinstance(mode, mode_specs.ReverseMode):
         # In reverse mode the destination is fixed by the proxy or the route, so the
         # Host the client asked for is what selects the route.
-        host = caller_host
+        host = (authority_host(host_header) or "") if host_header else request.host
         if not http2 and request.authority:
             # HTTP/1 absolute-form: an upstream takes the URL's host over Host.
             others.append(request.authority)
@@ -152,13 +157,14 @@ def read_request(
     facts = request_facts_of(
         peer=peer_host(flow),
         method=request.method if method is None else method,
-        host=host.lower().rstrip("."),
+        host=host,
         path=request.path if path is None else path,
         route=_folded(ours.get(_ROUTE_BYTES)),
         environment=_folded(ours.get(_ENVIRONMENT_BYTES)),
         api_key=_folded(ours.get(_KEY_BYTES)),
         forwarded_for=tuple(forwarded) if forwarded else (),
-        other_hosts=tuple(_authority_host(name) for name in others if not _same_host(name, host)) if others else (),
+        other_hosts=tuple(_other_host(name) for name in others if not _same_host(name, host)) if others else (),
+        bad_authority=bad_authority,
     )
     return facts, caller_host, _folded(agents)
 
@@ -184,6 +190,11 @@ def _same_host(authority: str, host: str) -> bool:
     authority = authority.lower()
     host = host.lower()
     return authority == host or (authority.startswith(host) and authority[len(host) : len(host) + 1] == ":")
+
+
+def _other_host(authority: str) -> str:
+    """Another name of the destination, canonical; as sent when it is no host[:port] (so it differs)."""
+    return authority_host(authority) or authority
 
 
 def _authority_host(authority: str) -> str:

@@ -269,6 +269,62 @@ CASES: list[tuple[str, RequestFacts, str, int, dict[str, Any] | None, dict[str, 
         {"allow_methods": ("GET",), "environment": "development"},
     ),
     (
+        "method_not_allowed-is-not-told-to-a-stranger",
+        facts("198.51.100.7", method="DELETE"),
+        "ip_not_whitelisted",
+        403,
+        {"error": IP_BODY, "status": 403, "ip": "198.51.100.7", "route": "api", "environment": "production"},
+        {"allow_methods": ()},
+    ),
+    (
+        "method_not_allowed-names-the-client",
+        facts(method="DELETE"),
+        "method_not_allowed",
+        405,
+        {"error": "Method not allowed", "status": 405},
+        {"client": "office"},
+    ),
+    (
+        "path_not_canonical",
+        facts("198.51.100.7", path="/v1/../health"),
+        "path_not_canonical",
+        400,
+        {"error": "Bad request", "status": 400, "reason": "path_not_canonical"},
+        {"route": None, "detail": "dot segment ('.' or '..')"},
+    ),
+    (
+        "uri_too_long",
+        facts(path="/v1/" + "a" * 9000),
+        "uri_too_long",
+        414,
+        {"error": "URI too long", "status": 414, "reason": "uri_too_long"},
+        {},
+    ),
+    (
+        "host_invalid-decimal-ipv4",
+        facts(host="2130706453"),
+        "host_invalid",
+        400,
+        {"error": "Bad request", "status": 400, "reason": "host_invalid"},
+        {},
+    ),
+    (
+        "host_invalid-authority",
+        facts(bad_authority="api.example.com:80@secret.local"),
+        "host_invalid",
+        400,
+        {"error": "Bad request", "status": 400, "reason": "host_invalid"},
+        {},
+    ),
+    (
+        "host-mapped-ipv6-is-the-ipv4-host",
+        facts(host="::ffff:127.0.0.21", route="api"),
+        "route_not_found",
+        404,
+        {"error": "Route not found", "status": 404, "route": "api"},
+        {},
+    ),
+    (
         "method-override-widens",
         facts(method="DELETE", environment="staging"),
         "client",
@@ -484,13 +540,54 @@ def test_exact_host_beats_wildcard_on_equal_prefix(policy: Policy) -> None:
     assert decide(policy, facts(host="www.example.com", path="/v1/x")).route == "wild"
 
 
-def test_dot_segments_cannot_reach_a_protected_route_via_an_open_one(policy: Policy) -> None:
-    """/health is open; /health/../v1/admin is the admin route and must be checked as such."""
+def test_dot_segments_are_refused_before_any_route_is_chosen(policy: Policy) -> None:
+    """/health is open; /health/../v1/admin is refused outright, named route or not: an
+    upstream would serve it as /v1/admin, so no decision on either spelling is safe."""
     decision = decide(policy, facts("198.51.100.7", path="/health/../v1/admin"))
-    assert (decision.route, decision.reason) == ("admin", "ip_not_whitelisted")
-    # and naming the open route in the header does not help either
+    assert (decision.route, decision.reason, decision.status) == (None, "path_not_canonical", 400)
     named = decide(policy, facts("198.51.100.7", route="health", path="/health/../v1/admin"))
-    assert named.reason == "route_not_found"
+    assert named.reason == "path_not_canonical"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/../health",
+        "/v1/%2e%2e/health",
+        "/v1/%2E%2e/health",
+        "/v1/..%2fhealth",
+        "/v1/..%2Fhealth",
+        "/v1/..%5chealth",
+        "/v1/..\\health",
+        "/v1/admin;/../../health",
+        "/v1/admin;x=1",
+        "//v1/admin",
+        "/v1//admin",
+        "/v1/./admin",
+        "/v1/admin/.",
+        "/v1/%252e%252e/health",
+        "/v1/%c0%ae%c0%ae/health",
+        "/v1/%e0%80%ae/health",
+        "/v1/%ef%bc%8e%ef%bc%8e/health",
+        "/v1/%ef%bc%8fhealth",
+        "/v1/%00/health",
+        "/v1/%2",
+        "/v1/%u002e%u002e/health",
+        "/v1/a b",
+        "/v1/\u00e9",
+        "v1/admin",
+        "*",
+    ],
+)
+def test_every_non_canonical_spelling_is_refused(policy: Policy, path: str) -> None:
+    decision = decide(policy, facts("10.0.0.7", path=path))
+    assert (decision.reason, decision.status) == ("path_not_canonical", 400), path
+
+
+@pytest.mark.parametrize("path", ["/v1/users", "/v1/users/", "/v1/J%C3%BCrgen", "/v1/a%20b", "/v1/.well-known",
+                                  "/v1/users?next=/../admin;x", "/v1/~x/a-b_c.d/!$&'()*+,=:@"])
+def test_canonical_paths_are_decided_as_usual(policy: Policy, path: str) -> None:
+    assert decide(policy, facts("10.0.0.7", path=path)).reason == "client", path
 
 
 def test_header_route_with_wildcard_match(policy: Policy) -> None:
@@ -650,7 +747,7 @@ def test_decide_never_raises_and_answers_consistently(policy: Policy, facts_: Re
         assert decision.reason in ALLOWED_REASONS and decision.status == 0 and decision.body == {}
     else:
         assert decision.reason in DENIED_REASONS
-        assert decision.body["status"] == decision.status and decision.status in (401, 403, 404, 405)
+        assert decision.body["status"] == decision.status and decision.status in (400, 401, 403, 404, 405, 414)
         if decision.status == 403:
             assert decision.body["ip"] == decision.client_ip
     # a header from an untrusted peer never changes anything
@@ -659,8 +756,10 @@ def test_decide_never_raises_and_answers_consistently(policy: Policy, facts_: Re
 
 
 def test_other_host_names_must_agree(policy: Policy) -> None:
-    same = decide(policy, facts(other_hosts=("API.Example.com.", "[api.example.com]")))
+    same = decide(policy, facts(other_hosts=("API.Example.com.",)))
     assert same.reason == "client"
+    # a name in brackets is not a spelling of the name (only IPv6 literals go in brackets)
+    assert decide(policy, facts(other_hosts=("[api.example.com]",))).reason == "route_not_found"
     other = decide(policy, facts(other_hosts=("api.example.com", "admin.example.com")))
     assert (other.reason, other.status, other.body["route"]) == ("route_not_found", 404, None)
     assert "names host 'admin.example.com' but goes to 'api.example.com'" in other.summary()

@@ -146,8 +146,11 @@ def test_a_denial_before_the_ip_check_still_says_what_the_address_gets(config_di
     assert "with the key put right: still denied, client_not_assigned" in text
     assert "client spare (10.3.0.0/24) is not assigned to keyed in production" in text
     text = explain(policy, request_for(policy, "192.0.2.1", "keyed", key_name="ci-live", method="GET")).text()
-    assert "method_not_allowed" in text.splitlines()[0]
+    assert "ip_not_whitelisted" in text.splitlines()[0]  # the method is checked after the clients
+    text = explain(policy, request_for(policy, "192.0.2.1", "keyed", key_name="gone", method="GET")).text()
     assert "with the method and key put right: still denied, ip_not_whitelisted" in text
+    text = explain(policy, request_for(policy, "10.0.0.5", "keyed", key_name="ci-live", method="GET")).text()
+    assert "method_not_allowed" in text.splitlines()[0]
     text = explain(policy, request_for(policy, "10.0.0.5", "api", key_name="ci-test")).text()
     assert "test_key_not_allowed" in text.splitlines()[0]
     assert "with the key put right: allowed, as client office" in text

@@ -255,12 +255,15 @@ def test_decide_builds_the_same_decision_objects_as_the_constructor(tmp_path) ->
 
     gen = generate(tmp_path / "cfg", clients=40, ranges=400, routes=12)
     policy = load_policy(gen.folder)
+    # an address that passes the client check of route-0000 (methods are checked after it)
+    assigned = next(iter(policy.access_for("route-0000", "production").allowed))
+    assigned_peer = str(policy.config.clients[assigned].networks[0].network_address)
     facts = [
         *make_facts(gen, 600),
         RequestFacts(peer="127.0.0.1", route="no-such-route"),
         RequestFacts(peer="127.0.0.1", route=BENCH_ROUTE, environment="nowhere"),
         RequestFacts(peer="not an ip", route=BENCH_ROUTE),
-        RequestFacts(peer="127.0.0.1", route="route-0000", host="api0.example.com", path="/r0", method="PATCH"),
+        RequestFacts(peer=assigned_peer, route="route-0000", host="api0.example.com", path="/r0", method="PATCH"),
         RequestFacts(peer="127.0.0.1", route=BENCH_ROUTE, api_key="unknown"),
         RequestFacts(peer="127.0.0.1", host="unmatched.example", path="/"),
     ]

@@ -23,6 +23,7 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import tflow, tutils
 
 from knoxcall_addon import decision, eventlog, gate
+from knoxcall_addon.canonical import authority_host
 from knoxcall_addon.decision import ENVIRONMENT_HEADER, KEY_HEADER, ROUTE_HEADER, RequestFacts, request_facts_of
 from knoxcall_addon.gate import read_request, requested_host
 from knoxcall_addon.ipmatch import parse_ip
@@ -37,31 +38,36 @@ def reference(flow: HTTPFlow, policy: Any) -> tuple[RequestFacts, str, str | Non
     request = flow.request
     mode = flow.client_conn.proxy_mode
     caller_host = requested_host(request)
+    host_header = request.host_header
     others: list[str] = []
+    http2 = request.is_http2 or request.is_http3
+    if http2 and request.authority and "host" in request.headers:
+        others.append(request.headers["host"])
     if isinstance(mode, mode_specs.ReverseMode):
-        host = caller_host
-        if request.authority and not (request.is_http2 or request.is_http3):
+        host = (authority_host(host_header) or "") if host_header else request.host
+        if request.authority and not http2:
             others.append(request.authority)
     else:
         host = request.host
         if isinstance(mode, mode_specs.RegularMode | mode_specs.UpstreamMode):
-            if request.host_header:
-                others.append(request.host_header)
+            if host_header:
+                others.append(host_header)
             if flow.client_conn.tls and flow.client_conn.sni:
                 others.append(flow.client_conn.sni)
     headers = request.headers
     facts = RequestFacts(
         peer=gate.peer_host(flow),
         method=request.method,
-        host=host.lower().rstrip("."),
+        host=host,
         path=request.path,
         route=headers.get(ROUTE_HEADER),
         environment=headers.get(ENVIRONMENT_HEADER),
         api_key=headers.get(KEY_HEADER),
         forwarded_for=tuple(headers.get_all(policy.settings.client_ip_header)),
         other_hosts=tuple(
-            gate._authority_host(name) for name in others if not gate._same_host(name, host)
+            authority_host(name) or name for name in others if not gate._same_host(name, host)
         ),
+        bad_authority=host_header if host_header and authority_host(host_header) is None else None,
     )
     return facts, caller_host, headers.get("user-agent")
 
