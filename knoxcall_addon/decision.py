@@ -36,6 +36,7 @@ DENIED_REASONS = (
     "invalid_api_key",
     "api_key_required",
     "test_key_not_allowed",
+    "not_http",
     "internal_error",
 )
 
@@ -303,6 +304,23 @@ def _allowed_method(
     return _allow(base, reason, route, environment, client)
 
 
+def decide_raw_flow(policy: Policy, peer: str) -> Decision:
+    """Raw TCP/UDP outside the raw reverse modes: refused, whoever sends it.
+
+    mitmproxy relays as raw TCP what it cannot read as HTTP, such as a request inside a
+    CONNECT tunnel that starts with a blank line or arrives in small pieces. Allowing it
+    by the caller's address would let any client send any method to any route,
+    environment or key-protected route behind the tunnel.
+    """
+    client_ip, peer_ip = resolve_client_ip(policy, peer, ())
+    base: dict[str, Any] = {
+        "client_ip": str(client_ip) if client_ip is not None else peer or None,
+        "peer_ip": str(peer_ip) if peer_ip is not None else peer or None,
+        "config_version": policy.version,
+    }
+    return _deny(base, "not_http", detail="raw TCP/UDP: not an HTTP request KnoxCall can decide")
+
+
 def decide_connection(policy: Policy, peer: str, *, tunnel: bool) -> Decision:
     """A connection that carries no request we can read: CONNECT, raw TCP, UDP.
 
@@ -413,6 +431,7 @@ _DENIAL_MESSAGES = {
     "ip_not_whitelisted": (403, "IP not authorized"),
     "client_not_assigned": (403, "IP not authorized"),
     "client_disabled": (403, "IP not authorized"),
+    "not_http": (403, "Not an HTTP request"),  # raw traffic: the connection is cut, nothing is answered
     "internal_error": (500, "Internal error"),
 }
 

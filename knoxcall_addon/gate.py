@@ -25,6 +25,7 @@ from knoxcall_addon.decision import (
     RequestFacts,
     request_facts_of,
 )
+from knoxcall_addon.ipmatch import parse_ip
 from knoxcall_addon.policy import Policy
 
 _PREFIX_BYTES = HEADER_PREFIX.encode()
@@ -207,8 +208,25 @@ def _authority_host(authority: str) -> str:
         return authority
 
 
-def forward(flow: http.HTTPFlow, decision: Decision) -> None:
-    """Prepare an allowed request for upstream: strip our headers, extend XFF, re-target."""
+# Headers that say what a proxy saw (the client's host, scheme, port, address): believed
+# from trusted proxies only; from anyone else they are removed, so that an upstream never
+# takes a caller's words for KnoxCall's. X-Forwarded-For is extended instead (see forward).
+PROXY_HEADERS = frozenset(
+    {
+        b"forwarded",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-forwarded-server",
+        b"x-real-ip",
+    }
+)
+
+
+def forward(flow: http.HTTPFlow, decision: Decision, policy: Policy | None = None) -> None:
+    """Prepare an allowed request for upstream: strip our headers and, from untrusted peers,
+    the proxy headers; extend XFF; re-target."""
     request = flow.request
     # One pass over the raw fields, with the result of the former (slower) steps:
     #   del headers[x-knoxcall-*]; headers["X-Forwarded-For"] = ", ".join([*get_all(XFF), peer])
@@ -219,11 +237,18 @@ def forward(flow: http.HTTPFlow, decision: Decision) -> None:
     forwarded: list[bytes] = []
     forwarded_at = -1
     forwarded_name = b"X-Forwarded-For"
+    trusted: bool | None = None  # is the peer a trusted proxy? looked up only when it matters
     for field in request.headers.fields:
         name = field[0]
         lower = name.lower()
         if lower.startswith(_PREFIX_BYTES) if name.isascii() else _is_ours(name):
             continue
+        if lower in PROXY_HEADERS:
+            if trusted is None:
+                address = parse_ip(peer)
+                trusted = policy is not None and address is not None and address in policy.trusted_proxies
+            if not trusted:
+                continue
         if lower == _XFF_BYTES:
             if forwarded_at < 0:
                 forwarded_at, forwarded_name = len(fields), name

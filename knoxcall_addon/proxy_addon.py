@@ -21,7 +21,14 @@ from mitmproxy.proxy import mode_specs, server_hooks
 from knoxcall_addon.accesslog import AccessLog, utc_timestamp
 from knoxcall_addon.configdiff import diff_configs
 from knoxcall_addon.connections import close_client_socket, decided_at_connect, refused_dns
-from knoxcall_addon.decision import REQUEST_ID_HEADER, Decision, decide, decide_connection, internal_error
+from knoxcall_addon.decision import (
+    REQUEST_ID_HEADER,
+    Decision,
+    decide,
+    decide_connection,
+    decide_raw_flow,
+    internal_error,
+)
 from knoxcall_addon.eventlog import SKIP_LEGACY, log_decision
 from knoxcall_addon.explain import explain_text
 from knoxcall_addon.gate import (
@@ -57,7 +64,6 @@ class KnoxCall:
         self.reload = HotReload(self.install, lambda: self.current.policy if self.current else None)
         self._reload_enabled = True
         self._running = False
-        self.uninspected_tunnels = False  # ignore_hosts/allow_hosts: some tunnels are never inspected
         self._refused: set[str] = set()  # ids of client connections whose raw flows were refused
         self.streaming_bodies = False  # stream_large_bodies is set: denied bodies may be streamed
         self._killed: set[str] = set()  # ids of client connections whose HTTP flow we killed
@@ -112,10 +118,15 @@ class KnoxCall:
             repoint = True
         if repoint and self._running:
             self._start_watcher()
-        if "ignore_hosts" in updated or "allow_hosts" in updated:
-            # Ignored hosts' tunnels carry raw TCP that no addon hook ever sees, so a
-            # CONNECT can no longer count on the requests inside being decided.
-            self.uninspected_tunnels = bool(ctx.options.ignore_hosts or ctx.options.allow_hosts)
+        if ("ignore_hosts" in updated or "allow_hosts" in updated) and (
+            ctx.options.ignore_hosts or ctx.options.allow_hosts
+        ):
+            # mitmproxy relays the connections of ignored hosts without calling any hook:
+            # no request inside them could be decided.
+            raise exceptions.OptionsError(
+                "knoxcall: ignore_hosts/allow_hosts make mitmproxy relay connections that no addon sees, "
+                "so KnoxCall could not decide them: unset both"
+            )
         if "stream_large_bodies" in updated:
             self.streaming_bodies = bool(ctx.options.stream_large_bodies)
         if "knoxcall_access_log" in updated:
@@ -227,7 +238,7 @@ class KnoxCall:
             facts, caller_host, user_agent = read_request(flow, policy, method, path)
             decision = decide(policy, facts)
             if decision.allowed:
-                forward(flow, decision)
+                forward(flow, decision, policy)
         except Exception as e:
             logger.exception(f"knoxcall: error while deciding request {request_id}; denying it")
             peer = peer_host(flow)
@@ -273,7 +284,7 @@ class KnoxCall:
 
     def _decide_connect(self, flow: http.HTTPFlow) -> None:
         decision, meta = self._decide_connection(
-            peer_host(flow), flow.request.pretty_host, "CONNECT", tunnel=not self.uninspected_tunnels
+            peer_host(flow), flow.request.pretty_host, "CONNECT", tunnel=True
         )
         meta["status"] = 200 if decision.allowed else decision.status
         self._annotate(flow, decision, meta)
@@ -363,11 +374,14 @@ class KnoxCall:
             flow.response = refused_dns(flow)
 
     def _start_raw_flow(self, flow: tcp.TCPFlow | udp.UDPFlow) -> None:
-        """Decide a TCP/UDP flow by its peer; a refused one is cut off from its server."""
+        """Refuse a TCP/UDP flow (see decide_raw_flow): it is cut off from its server.
+
+        Only the raw reverse modes carry raw traffic, decided when the client connects.
+        """
         if flow.client_conn.id in self._refused or decided_at_connect(flow.client_conn):
             return
         host = str(flow.server_conn.address[0]) if flow.server_conn.address else None
-        decision, meta = self._decide_connection(peer_host(flow), host, None, tunnel=False)
+        decision, meta = self._decide_connection(peer_host(flow), host, None, tunnel=False, raw=True)
         self._annotate(flow, decision, meta)
         self._write_access_log(meta)
         if not decision.allowed:
@@ -391,12 +405,13 @@ class KnoxCall:
         return self.current.policy
 
     def _decide_connection(
-        self, peer: str, host: str | None, method: str | None, *, tunnel: bool
+        self, peer: str, host: str | None, method: str | None, *, tunnel: bool, raw: bool = False
     ) -> tuple[Decision, dict[str, Any]]:
         """Decide a connection that carries no request we can read; log the decision."""
         request_id = new_request_id()
         try:
-            decision = decide_connection(self._policy(), peer, tunnel=tunnel)
+            policy = self._policy()
+            decision = decide_raw_flow(policy, peer) if raw else decide_connection(policy, peer, tunnel=tunnel)
         except Exception as e:
             logger.exception(f"knoxcall: error while deciding connection {request_id}; denying it")
             decision = internal_error(peer, peer, f"{type(e).__name__}: {e}", self._version())

@@ -227,6 +227,7 @@ def test_exception_while_deciding_a_connection_denies(tctx, monkeypatch) -> None
         raise ValueError("kaboom")
 
     monkeypatch.setattr(proxy_addon, "decide_connection", explode)
+    monkeypatch.setattr(proxy_addon, "decide_raw_flow", explode)
     flow = make_flow(method="CONNECT", path="")
     addon.http_connect(flow)
     assert flow.response is not None and flow.response.status_code == 500
@@ -614,7 +615,9 @@ def refused_at_connect(addon: KnoxCall, flow: Any) -> bool:
 
 
 @pytest.mark.parametrize("make", [tflow.ttcpflow, tflow.tudpflow], ids=["tcp", "udp"])
-def test_raw_connections_from_uncovered_peers_are_closed(tctx, tmp_path: Path, make: Any) -> None:
+def test_raw_flows_are_refused_whoever_sends_them(tctx, tmp_path: Path, make: Any) -> None:
+    """Raw TCP/UDP outside the raw reverse modes could carry any request to any route:
+    refused for strangers and clients alike."""
     addon, context = tctx
     log = tmp_path / "access.jsonl"
     context.configure(addon, knoxcall_access_log=str(log))
@@ -622,40 +625,29 @@ def test_raw_connections_from_uncovered_peers_are_closed(tctx, tmp_path: Path, m
     message = addon.tcp_message if make is tflow.ttcpflow else addon.udp_message
     message_type = type(make().messages[0])
 
-    denied = make(messages=[])
-    denied.client_conn.peername = ("127.0.0.9", 1)
-    start(denied)
-    assert denied.metadata["knoxcall"]["decision"] == "denied"
-    assert denied.error is not None  # killed, as mitmweb shows it
-    assert denied.marked
-    assert refused_at_connect(addon, denied)  # mitmproxy ignores kill() here: the connect must fail
-    denied.messages.append(message_type(True, b"secret"))
-    message(denied)
-    assert denied.messages[-1].content == b""  # nothing is relayed, even if upstream was open
-
-    allowed = make(messages=[])
-    allowed.client_conn.peername = ("::ffff:127.0.0.5", 1, 0, 0)
-    start(allowed)
-    assert allowed.error is None
-    assert not refused_at_connect(addon, allowed)
-    allowed.messages.append(message_type(True, b"hello"))
-    message(allowed)
-    assert allowed.messages[-1].content == b"hello"
-
-    disabled = make(messages=[])
-    disabled.client_conn.peername = ("127.0.3.3", 1)
-    start(disabled)
-    assert disabled.metadata["knoxcall"]["reason"] == "client_disabled"
+    flows = []
+    for peer in [("127.0.0.9", 1), ("::ffff:127.0.0.5", 1, 0, 0), ("127.0.3.3", 1)]:
+        flow = make(messages=[])
+        flow.client_conn.peername = peer
+        start(flow)
+        assert flow.metadata["knoxcall"]["decision"] == "denied"
+        assert flow.error is not None  # killed, as mitmweb shows it
+        assert flow.marked
+        assert refused_at_connect(addon, flow)  # mitmproxy ignores kill() here: the connect must fail
+        flow.messages.append(message_type(True, b"secret"))
+        message(flow)
+        assert flow.messages[-1].content == b""  # nothing is relayed, even if upstream was open
+        flows.append(flow)
 
     # the refusal is forgotten with the client connection
-    addon.client_disconnected(denied.client_conn)
-    assert not refused_at_connect(addon, denied)
+    addon.client_disconnected(flows[0].client_conn)
+    assert not refused_at_connect(addon, flows[0])
 
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(r["decision"], r["reason"], r["client_ip"]) for r in records] == [
-        ("denied", "ip_not_whitelisted", "127.0.0.9"),
-        ("allowed", "client", "127.0.0.5"),
-        ("denied", "client_disabled", "127.0.3.3"),
+        ("denied", "not_http", "127.0.0.9"),
+        ("denied", "not_http", "127.0.0.5"),
+        ("denied", "not_http", "127.0.3.3"),
     ]
 
 

@@ -455,7 +455,7 @@ def test_decision_table(
 def test_every_reason_code_is_covered() -> None:
     """The table above exercises every reason code of the contract (internal_error and
     unmatched_allowed have their own tests)."""
-    covered = {c[2] for c in CASES} | {"internal_error", "unmatched_allowed"}
+    covered = {c[2] for c in CASES} | {"internal_error", "unmatched_allowed", "not_http"}  # not_http: raw flows
     assert covered == set(ALLOWED_REASONS) | set(DENIED_REASONS)
 
 

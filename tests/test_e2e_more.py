@@ -303,9 +303,10 @@ def test_scripts_run_serves_the_example_config(tmp_path: Path, tool: str) -> Non
                 process.wait(5)
 
 
-def test_raw_tcp_inside_a_connect_tunnel_is_decided(make_config, tcp_echo: TcpEcho, tmp_path: Path) -> None:
+def test_raw_tcp_inside_a_connect_tunnel_is_refused(make_config, tcp_echo: TcpEcho, tmp_path: Path) -> None:
     """Open routes make a CONNECT from anyone acceptable (requests inside are decided one by
-    one); raw TCP inside such a tunnel is then decided by the peer alone."""
+    one); raw TCP inside such a tunnel is refused, for clients too: it could carry any
+    request to any route."""
     config = make_config(
         **{
             "k.yaml": {
@@ -319,7 +320,7 @@ def test_raw_tcp_inside_a_connect_tunnel_is_decided(make_config, tcp_echo: TcpEc
     )
     proxy = MitmDump(config, access_log=tmp_path / "a.jsonl", extra=["--set", f"confdir={tmp_path / 'conf'}"])
     with proxy:
-        for source, answer in [("127.0.0.9", b"echo:\x00\x01raw"), ("127.0.0.99", b"")]:
+        for source, answer in [("127.0.0.9", b""), ("127.0.0.99", b"")]:
             with socket.socket() as s:
                 s.settimeout(10)
                 s.bind((source, 0))
@@ -336,14 +337,14 @@ def test_raw_tcp_inside_a_connect_tunnel_is_decided(make_config, tcp_echo: TcpEc
                 except (ConnectionResetError, BrokenPipeError):
                     got = b""
                 assert got == answer, source
-        assert tcp_echo.connections == 1
-        proxy.wait_for_log("knoxcall: denied ip_not_whitelisted 127.0.0.99")
+        assert tcp_echo.connections == 0
+        proxy.wait_for_log("knoxcall: denied not_http 127.0.0.99")
         records = [(r["method"], r["client_ip"], r["decision"], r["reason"]) for r in proxy.access_records()]
         assert records == [
             ("CONNECT", "127.0.0.9", "allowed", "client"),
-            (None, "127.0.0.9", "allowed", "client"),
+            (None, "127.0.0.9", "denied", "not_http"),
             ("CONNECT", "127.0.0.99", "allowed", "open_route"),
-            (None, "127.0.0.99", "denied", "ip_not_whitelisted"),
+            (None, "127.0.0.99", "denied", "not_http"),
         ]
 
 
