@@ -431,7 +431,7 @@ _DENIAL_MESSAGES = {
     "ip_not_whitelisted": (403, "IP not authorized"),
     "client_not_assigned": (403, "IP not authorized"),
     "client_disabled": (403, "IP not authorized"),
-    "not_http": (403, "Not an HTTP request"),  # raw traffic: the connection is cut, nothing is answered
+    "not_http": (0, "Not an HTTP request"),  # raw traffic: the connection is cut, nothing is answered
     "internal_error": (500, "Internal error"),
 }
 

@@ -78,3 +78,20 @@ def log_decision(decision: Decision, request_id: str) -> str:
     else:
         _emit(logging.INFO if decision.allowed else logging.WARNING, line)
     return line
+
+
+_LINE_PREFIX = "knoxcall: "
+_DENIED = "denied "
+
+
+def flow_comment(decision: Decision, line: str) -> str:
+    """The decision line with the useful words first, for mitmweb's comment column.
+
+    ``403 ip_not_whitelisted 203.0.113.9 route=api env=production id=...`` for a denial
+    (the status the caller got), ``allowed client 127.0.0.9 route=...`` otherwise: the
+    list shows a column's first words only, and "knoxcall: denied" said nothing there.
+    """
+    tail = line[len(_LINE_PREFIX) :] if line.startswith(_LINE_PREFIX) else line
+    if decision.allowed or not decision.status or not tail.startswith(_DENIED):
+        return tail
+    return f"{decision.status} {tail[len(_DENIED) :]}"

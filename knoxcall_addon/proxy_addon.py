@@ -29,7 +29,7 @@ from knoxcall_addon.decision import (
     decide_raw_flow,
     internal_error,
 )
-from knoxcall_addon.eventlog import SKIP_LEGACY, log_decision
+from knoxcall_addon.eventlog import SKIP_LEGACY, flow_comment, log_decision
 from knoxcall_addon.explain import explain_text
 from knoxcall_addon.gate import (
     REQUEST_ID_BYTES,
@@ -433,7 +433,9 @@ class KnoxCall:
     def _annotate(self, flow: Any, decision: Decision, meta: dict[str, Any], line: str | None = None) -> None:
         """What mitmweb shows: the comment, a mark on denials, and the metadata."""
         flow.metadata[METADATA_KEY] = meta
-        flow.comment = line if line is not None else f"{decision.summary()} id={meta['request_id']}"
+        if line is None:
+            line = f"{decision.summary()} id={meta['request_id']}"
+        flow.comment = flow_comment(decision, line)
         if not decision.allowed:
             flow.marked = DENIED_MARKER
 

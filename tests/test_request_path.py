@@ -30,6 +30,14 @@ from knoxcall_addon.ipmatch import parse_ip
 from knoxcall_addon.proxy_addon import KnoxCall
 from tests.test_addon_unit import config_dir, make_flow, tctx  # noqa: F401  (fixtures)
 
+
+def line_of(flow: HTTPFlow) -> str:
+    """The event log line of a decided flow: its comment with the words of the log line
+    (``knoxcall: denied REASON ...`` where the comment says ``403 REASON ...``)."""
+    first, rest = flow.comment.split(" ", 1)
+    return f"knoxcall: {first if first == 'allowed' else 'denied'} {rest}"
+
+
 # -- reading the request in one pass ----------------------------------------------------
 
 
@@ -271,19 +279,20 @@ def test_allowed_line_made_only_for_a_handler_that_takes_info(own_handlers) -> N
     allowed = make_flow()
     addon.requestheaders(allowed)
     assert allowed.response is None and allowed.metadata["knoxcall"]["decision"] == "allowed"
-    assert allowed.comment.startswith("knoxcall: allowed client 127.0.0.5")  # the line is still the comment
+    assert allowed.comment.startswith("allowed client 127.0.0.5")  # the line is still made for the comment
     assert made == [] and terminal.records == [] and legacy.records == []
 
     denied = make_flow(peer=("127.0.0.99", 1))
     addon.requestheaders(denied)
-    assert [r.getMessage() for r in terminal.records] == [denied.comment]
+    assert [line_of(denied) for r in terminal.records] == [r.getMessage() for r in terminal.records]
+    assert len(terminal.records) == 1
     assert terminal.records[0].levelno == logging.WARNING
     assert legacy.records == []
 
     terminal.setLevel(logging.INFO)  # e.g. :set termlog_verbosity=info, while running
     again = make_flow()
     addon.requestheaders(again)
-    assert terminal.records[-1].getMessage() == again.comment
+    assert terminal.records[-1].getMessage() == line_of(again)
     assert terminal.records[-1].levelno == logging.INFO
     assert legacy.records == []
 
@@ -301,7 +310,7 @@ def test_allowed_line_reaches_a_handler_up_the_tree(own_handlers) -> None:
         addon.requestheaders(flow)
     finally:
         root.removeHandler(root_handler)
-    assert [r.getMessage() for r in root_handler.records] == [flow.comment]
+    assert [r.getMessage() for r in root_handler.records] == [line_of(flow)]
 
 
 def test_allowed_line_made_for_a_logger_filter_or_logging_last_resort(own_handlers) -> None:
@@ -314,7 +323,7 @@ def test_allowed_line_made_for_a_logger_filter_or_logging_last_resort(own_handle
     logging.getLogger("knoxcall").addHandler(Keep(logging.ERROR))
     flow = make_flow()
     addon.requestheaders(flow)
-    assert seen == [flow.comment]
+    assert seen == [line_of(flow)]
 
 
 # -- the request id header ----------------------------------------------------------------
