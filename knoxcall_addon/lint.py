@@ -28,6 +28,8 @@ RULES: dict[str, str] = {
     "no-description": "a client without a description",
     "open-route": "a route with requires_clients: false",
     "open-forward": "an open route with neither target_base_url nor match: it forwards wherever the caller asks",
+    "open-shadows-host": "an open route matching any host, without a target, has a longer path_prefix than a "
+    "host's protected route: in forward mode it lets any caller reach that host under its prefix",
     "duplicate-range": "the same range twice, or a range inside another, in one client",
     "overlapping-range": "ranges of different clients overlap",
     "trusted-proxies": "trusted_proxies holding every address (error) or a very wide range (warning)",
@@ -60,6 +62,7 @@ def lint(config: Config) -> list[Finding]:
     findings: list[Finding] = []
     findings += _client_rules(config)
     findings += _route_rules(config)
+    findings += _shadow_rules(config)
     findings += _range_rules(config)
     findings += _trusted_proxy_rules(config)
     findings += [
@@ -274,4 +277,45 @@ def _range_rules(config: Config) -> list[Finding]:
                     f"({outer_client.location}){more}",
                 )
             )
+    return findings
+
+
+def _under(prefix: str, parent: str) -> bool:
+    """Is path prefix ``prefix`` strictly inside ``parent`` (whole segments)?"""
+    return prefix != parent and (parent == "/" or prefix.startswith(parent + "/"))
+
+
+def _shadow_rules(config: Config) -> list[Finding]:
+    """Open any-host routes that win over a protected host's route (longest prefix first).
+
+    In forward mode a request goes to the host it names. An open route with no hosts and no
+    target, whose prefix is longer than a protected route's for some host, is chosen for
+    that host's paths under its prefix: any caller reaches the protected host there.
+    """
+    routes = [r for r in config.routes.values() if r.enabled and r.match is not None]
+    protected = [r for r in routes if r.requires_clients and r.match.hosts]  # type: ignore[union-attr]
+    findings: list[Finding] = []
+    for route in routes:
+        match = route.match
+        assert match is not None
+        if route.requires_clients or match.hosts:
+            continue
+        untargeted = [env for env in config.environments if route.target_for(env) is None]
+        if not untargeted:
+            continue
+        for other in protected:
+            assert other.match is not None
+            if _under(match.path_prefix, other.match.path_prefix):
+                hosts = ", ".join(other.match.hosts)
+                findings.append(
+                    Finding(
+                        route.location,
+                        "error",
+                        "open-shadows-host",
+                        f'open route "{route.name}" (any host, path_prefix {match.path_prefix}, no target in '
+                        f'{", ".join(untargeted)}) wins over route "{other.name}" ({hosts}, path_prefix '
+                        f"{other.match.path_prefix}) by its longer prefix: in forward mode any caller reaches "
+                        f"{hosts} under {match.path_prefix}; give it hosts or a target_base_url",
+                    )
+                )
     return findings

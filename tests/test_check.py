@@ -166,6 +166,16 @@ def test_missing_folder_is_an_error(tmp_path):
             ("open-forward", "error"),
         ),
         (
+            "open any-host route shadowing a protected host",
+            base(
+                routes=[
+                    {"name": "api", "match": {"hosts": ["secret.example"]}},
+                    {"name": "pub", "requires_clients": False, "match": {"path_prefix": "/public"}},
+                ]
+            ),
+            ("open-shadows-host", "error"),
+        ),
+        (
             "duplicate range in one client",
             base(clients=[{"name": "app", "ip_address": ["10.1.2.3", "10.1.2.3"], "description": "x"}]),
             ("duplicate-range", "warning"),
@@ -282,3 +292,35 @@ def test_console_script_runs():
     result = subprocess.run([*cmd, "check", str(ROOT / "config")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "0 error(s)" in result.stdout
+
+
+def test_open_shadows_host_names_both_routes_and_spares_safe_shapes(make_config):
+    """Flagged only where forward mode would take the open route for the protected host."""
+    shadowing = make_config(
+        **{
+            "k.yaml": base(
+                routes=[
+                    {"name": "api", "match": {"hosts": ["secret.example"], "path_prefix": "/v1"}},
+                    {"name": "pub", "requires_clients": False, "match": {"path_prefix": "/v1/status"}},
+                ]
+            )
+        }
+    )
+    findings = [f for f in lint(load_config(shadowing)) if f.rule == "open-shadows-host"]
+    assert len(findings) == 1
+    assert '"pub"' in findings[0].message and '"api"' in findings[0].message and "secret.example" in findings[0].message
+    safe = [
+        {"name": "pub", "requires_clients": False, "match": {"path_prefix": "/other"}},  # not under /v1
+        {"name": "pub", "requires_clients": False, "match": {"hosts": ["pub.example"], "path_prefix": "/v1/s"}},
+        {"name": "pub", "requires_clients": False, "target_base_url": "http://127.0.0.1:9",
+         "match": {"path_prefix": "/v1/s"}},  # has a target: never reaches secret.example
+    ]  # fmt: skip
+    for open_route in safe:
+        config = make_config(
+            **{
+                "k.yaml": base(
+                    routes=[{"name": "api", "match": {"hosts": ["secret.example"], "path_prefix": "/v1"}}, open_route]
+                )
+            }
+        )
+        assert "open-shadows-host" not in [f.rule for f in lint(load_config(config))], open_route
