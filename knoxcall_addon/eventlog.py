@@ -87,11 +87,12 @@ _DENIED = "denied "
 def flow_comment(decision: Decision, line: str) -> str:
     """The decision line with the useful words first, for mitmweb's comment column.
 
-    ``403 ip_not_whitelisted 203.0.113.9 route=api env=production id=...`` for a denial
-    (the status the caller got), ``allowed client 127.0.0.9 route=...`` otherwise: the
-    list shows a column's first words only, and "knoxcall: denied" said nothing there.
+    mitmweb's flow list shows about 22 characters of a comment (a 150 px column) next to
+    the status column, so a denial's comment starts with what the status does not say:
+    ``ip_not_whitelisted 203.0.113.9 route=api env=production id=...``. An allowed flow's
+    starts ``allowed client 127.0.0.9 ...``. "knoxcall: denied" said nothing there.
     """
     tail = line[len(_LINE_PREFIX) :] if line.startswith(_LINE_PREFIX) else line
-    if decision.allowed or not decision.status or not tail.startswith(_DENIED):
+    if decision.allowed or not tail.startswith(_DENIED):
         return tail
-    return f"{decision.status} {tail[len(_DENIED) :]}"
+    return tail[len(_DENIED) :]

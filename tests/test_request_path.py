@@ -32,10 +32,11 @@ from tests.test_addon_unit import config_dir, make_flow, tctx  # noqa: F401  (fi
 
 
 def line_of(flow: HTTPFlow) -> str:
-    """The event log line of a decided flow: its comment with the words of the log line
-    (``knoxcall: denied REASON ...`` where the comment says ``403 REASON ...``)."""
-    first, rest = flow.comment.split(" ", 1)
-    return f"knoxcall: {first if first == 'allowed' else 'denied'} {rest}"
+    """The event log line of a decided flow: ``knoxcall: `` and ``denied `` before a
+    denial's comment, ``knoxcall: `` before an allowed one's."""
+    if flow.comment.startswith("allowed "):
+        return f"knoxcall: {flow.comment}"
+    return f"knoxcall: denied {flow.comment}"
 
 
 # -- reading the request in one pass ----------------------------------------------------
