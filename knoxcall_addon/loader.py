@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import posixpath
 import re
 import socket
@@ -33,7 +34,7 @@ from knoxcall_addon.model import (
     Settings,
     pack_network,
 )
-from knoxcall_addon.yamlsource import LocatedDict, LocatedList, read_folder
+from knoxcall_addon.yamlsource import YAML_SUFFIXES, LocatedDict, LocatedList, read_folder
 
 ENVIRONMENT_NAME = re.compile(r"^[a-z0-9_-]+$")
 OBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -65,15 +66,38 @@ _MISSING = object()
 
 def load_config(folder: str | Path) -> Config:
     """Read, validate and return the config in ``folder``; raise ConfigError otherwise."""
-    path = Path(folder)
+    path = check_folder(folder)
     sources, version = read_folder(path, reuse=True)
     if not sources:
-        raise ConfigError([Problem(Location(str(path), 0), "no config files (*.yaml, *.yml) in this folder")])
+        where = Location(os.path.abspath(path), 0)
+        raise ConfigError([Problem(where, "no config files (*.yaml, *.yml) in this folder")])
     builder = _Builder()
     for source in sources:
         builder.add_file(source.data, str(source.path))
     config = builder.build(version=version, folder=str(path), files=tuple(str(s.path) for s in sources))
     return config
+
+
+def check_folder(folder: str | Path) -> Path:
+    """``folder`` as a Path if it names a folder; else ConfigError saying what it is.
+
+    The one place that judges the config folder itself, so that ``knoxcall`` and the
+    addon's ``knoxcall_config`` say the same words. Messages name the absolute path: a
+    relative one is relative to a working directory the reader may not know. An empty
+    name is refused rather than read as ``.`` (which ``Path("")`` is).
+    """
+    if not str(folder).strip():
+        raise ConfigError([Problem(Location('""', 0), "the config folder name is empty: name a folder, e.g. config")])
+    path = Path(folder)
+    where = Location(os.path.abspath(path), 0)
+    if path.is_dir():
+        return path
+    if path.exists():
+        hint = f"; name the folder that holds it, {os.path.dirname(where.file)}" if path.suffix in YAML_SUFFIXES else ""
+        raise ConfigError([Problem(where, f"the config folder is a file, not a folder{hint}")])
+    if path.is_symlink():
+        raise ConfigError([Problem(where, "the config folder is a broken symlink (its target does not exist)")])
+    raise ConfigError([Problem(where, "config folder does not exist")])
 
 
 def parse_networks(value: str, where: Location) -> list[IPNetwork]:
