@@ -29,7 +29,7 @@ from knoxcall_addon.explain import explain, request_for
 from knoxcall_addon.ipmatch import parse_ip
 from knoxcall_addon.lint import RULES, Finding, lint
 from knoxcall_addon.loader import OBJECT_NAME
-from knoxcall_addon.model import ConfigError
+from knoxcall_addon.model import Config, ConfigError
 from knoxcall_addon.policy import Policy, load_policy
 
 EXIT_OK = 0
@@ -162,8 +162,10 @@ def _load(folder: str) -> tuple[Policy | None, list[Finding]]:
 
 def check(folder: str, *, fmt: str = "text", strict: bool = False, ignore: set[str] = frozenset(), out: TextIO) -> int:
     policy, findings = _load(folder)
+    notes: list[str] = []
     if policy is not None:
         findings = lint(policy.config)
+        notes = config_notes(policy.config)
     findings = [f for f in findings if f.rule not in ignore]
     errors = sum(f.severity == "error" for f in findings)
     warnings = len(findings) - errors
@@ -175,6 +177,7 @@ def check(folder: str, *, fmt: str = "text", strict: bool = False, ignore: set[s
                 "errors": errors,
                 "warnings": warnings,
                 "findings": [f.as_dict() for f in findings],
+                "notes": notes,
             },
             out,
             indent=2,
@@ -183,12 +186,25 @@ def check(folder: str, *, fmt: str = "text", strict: bool = False, ignore: set[s
     else:
         for finding in findings:
             out.write(f"{finding}\n")
+        for note in notes:
+            out.write(f"note: {note}\n")
         state = "invalid" if policy is None else "loads"
         named = folder if folder.strip() else '""'  # as check_folder names an empty one
         out.write(f"{named}: config {state}; {errors} error(s), {warnings} warning(s)\n")
     if errors or (strict and warnings):
         return EXIT_FINDINGS
     return EXIT_OK
+
+
+def config_notes(config: Config) -> list[str]:
+    """What the loader assumed for a config that does not say it (neither an error nor a
+    lint finding: the config is fine, but its reader should know)."""
+    return [
+        f"no environments are declared, so the default environment {env.name!r} is the only one; "
+        "an 'environments' list replaces it"
+        for env in config.environments.values()
+        if env.implicit
+    ]
 
 
 # -- explain -----------------------------------------------------------------------------

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 from mitmproxy import exceptions
-from mitmproxy.test import taddons
+from mitmproxy.test import taddons, tflow
 
 from knoxcall_addon.cli import EXIT_FINDINGS, EXIT_OK, EXIT_USAGE, main
+from knoxcall_addon.configdiff import diff_configs
 from knoxcall_addon.loader import load_config
 from knoxcall_addon.model import ConfigError
 from knoxcall_addon.proxy_addon import KnoxCall
@@ -25,7 +26,6 @@ from tests.harness import BIN
 
 # A newcomer's first config: a client, a route, an assignment in production.
 FIRST = """\
-environments: [{name: production}]
 clients:
   - name: office
     ip_address: 127.0.0.0/29
@@ -153,3 +153,144 @@ def test_an_empty_folder_still_says_it_has_no_files_by_its_full_path(tmp_path):
     result = knoxcall("check", "empty", cwd=tmp_path)
     assert f"{tmp_path}/empty: error[config] no config files (*.yaml, *.yml) in this folder" in result.stdout
     assert os.path.isabs(result.stdout.split(":", 1)[0])
+
+
+# -- a first config without environments -------------------------------------------------
+
+
+def test_a_first_config_without_environments_loads_with_its_default_environment(first):
+    config = load_config(first)
+    assert list(config.environments) == ["production"]
+    assert config.environments["production"].implicit
+    code, out = run("check", str(first))
+    assert code == EXIT_OK, out
+    assert (
+        "note: no environments are declared, so the default environment 'production' is the only one; "
+        "an 'environments' list replaces it\n"
+    ) in out
+    code, out = run("check", "--format", "json", str(first))
+    assert '"notes": [\n    "no environments are declared' in out
+    # the proxy decides with it like with any other: the office is let in, others are not
+    addon = KnoxCall()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, knoxcall_config=str(first))
+        for peer, reason in [
+            ("127.0.0.3", "client"),
+            ("127.0.1.3", "client_disabled"),
+            ("127.0.2.3", "ip_not_whitelisted"),
+        ]:
+            flow = tflow.tflow()
+            flow.client_conn.peername = (peer, 40000)
+            flow.request.headers["x-knoxcall-route"] = "orders"
+            addon.requestheaders(flow)
+            assert flow.metadata["knoxcall"]["reason"] == reason
+            assert flow.metadata["knoxcall"]["environment"] == "production"
+
+
+def test_the_implicit_environment_is_the_default_one_and_a_declared_list_wins(first):
+    settings = "settings: {default_environment: dev}\n"
+    (first / "knoxcall.yaml").write_text(FIRST.replace("production:", "dev:") + settings, encoding="utf-8")
+    assert list(load_config(first).environments) == ["dev"]
+
+    (first / "envs.yaml").write_text("environments: [{name: staging}]\n", encoding="utf-8")
+    code, out = run("check", str(first))
+    assert code == EXIT_FINDINGS
+    assert (
+        f"{first}/knoxcall.yaml:12: error[config] default environment 'dev' is not defined under 'environments'" in out
+    )
+    assert "error[config] assignments.orders: unknown environment 'dev'\n" in out  # no word of implicit ones
+    assert "note:" not in out
+
+
+def test_naming_another_environment_says_how_to_declare_it(first):
+    (first / "knoxcall.yaml").write_text(FIRST + "    staging: [office]\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(first)
+    assert [p.message for p in caught.value.problems] == [
+        "assignments.orders: unknown environment 'staging'; no environments are declared, so only the default "
+        "environment 'production' exists: list every environment under 'environments' to have more"
+    ]
+
+
+def test_an_implicit_default_environment_must_still_be_a_valid_name(first):
+    (first / "knoxcall.yaml").write_text(FIRST + "settings: {default_environment: Prod}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(first)
+    assert "knoxcall.yaml:12: settings.default_environment 'Prod' must match ^[a-z0-9_-]+$" in str(caught.value)
+
+
+def test_declaring_the_implicit_environment_is_a_change_the_audit_line_shows(first):
+    before = load_config(first)
+    (first / "envs.yaml").write_text("environments: [{name: production}]\n", encoding="utf-8")
+    after = load_config(first)
+    assert not after.environments["production"].implicit
+    assert diff_configs(before, after).summary().startswith("environments ~production(")
+
+
+# -- messages show the bad value, never a huge one -------------------------------------------
+
+
+def test_type_errors_show_the_value_given(first):
+    text = """\
+clients:
+  - name: office
+    type: sever
+    ip_address: 127.0.0.1
+api_keys:
+  - name: ci
+    key_sha256: "0000000000000000000000000000000000000000000000000000000000000000"
+    type: tset
+settings:
+  unmatched_requests: alow
+  client_ip_header: X Forwarded For
+"""
+    (first / "knoxcall.yaml").write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(first)
+    assert [str(p).replace(f"{first}/", "") for p in caught.value.problems] == [
+        "knoxcall.yaml:3: client 'office': type must be 'server' or 'user', not 'sever'",
+        "knoxcall.yaml:8: API key 'ci': type must be 'live' or 'test', not 'tset'",
+        "knoxcall.yaml:10: settings.unmatched_requests must be 'deny' or 'allow', not 'alow'",
+        "knoxcall.yaml:11: settings.client_ip_header must be a header name (letters, digits, '-'), "
+        "not 'X Forwarded For'",
+    ]
+
+
+def test_a_huge_value_is_elided_in_every_message(first):
+    """Values a careless paste can make huge: names, addresses, keys, a list where a string goes."""
+    huge = "x" * 100_000
+    key = "k" * 1000  # YAML allows keys of up to 1024 characters
+    addresses = ", ".join(f"10.{i // 256 % 256}.{i % 256}.1" for i in range(20_000))
+    text = f"""\
+clients:
+  - name: {huge}
+    ip_address: 127.0.0.1
+  - name: c{huge}
+    type: {huge}
+    ip_address: "{addresses}, {huge}"
+  - name: d
+    ip_address: 127.0.0.2
+    {key}: 1
+    description: [{addresses}]
+routes:
+  - name: r
+    target_base_url: http://{huge}/?q
+    match: {{hosts: [{huge}], path_prefix: /{huge}/..}}
+assignments:
+  r{key}:
+    production: [d]
+  r:
+    production: [d, e{huge}]
+    staging{key}: [d]
+settings:
+  default_environment: {huge}
+"""
+    (first / "knoxcall.yaml").write_text(text, encoding="utf-8")
+    code, out = run("check", str(first))
+    assert code == EXIT_FINDINGS
+    lines = out.splitlines()
+    assert len(lines) == 10, out  # nine errors and the summary
+    longest = max((line.replace(str(first), "") for line in lines), key=len)
+    assert len(longest) < 500, longest[:1000]
+    assert "xxx...xxx" in out and "kkk...kkk" in out
+    assert "type must be 'server' or 'user', not 'xxx" in out
