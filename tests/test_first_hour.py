@@ -294,3 +294,56 @@ settings:
     assert len(longest) < 500, longest[:1000]
     assert "xxx...xxx" in out and "kkk...kkk" in out
     assert "type must be 'server' or 'user', not 'xxx" in out
+
+
+# -- YAML syntax errors: PyYAML's words, and the likely cause --------------------------------
+
+SYNTAX = [
+    (
+        "clients:\n\t- name: office\n",
+        "2: invalid YAML: found character '\\t' that cannot start any token; a tab on this line: "
+        "YAML allows no tab in indentation or before a value, use spaces",
+    ),
+    (
+        "clients:\n  - name: office\n    description: Note: the HQ\n",
+        "3: invalid YAML: mapping values are not allowed here; a value that contains ': ' must be quoted, "
+        'e.g. description: "Note: the HQ"',
+    ),
+    (
+        "clients:\n  - name:office\n    ip_address: 10.0.0.1\n",
+        "3: invalid YAML: mapping values are not allowed here; line 2: a key needs a space after its ':' "
+        "(name: office, not name:office)",
+    ),
+    (
+        "clients:\n  - name: office\n      ip_address: 10.0.0.1\n",
+        "3: invalid YAML: mapping values are not allowed here; check the indentation: this line is indented "
+        "deeper than the key it belongs to",
+    ),
+    (
+        "clients:\n  - name: office\n   ip_address: 10.0.0.1\n",
+        "3: invalid YAML: expected <block end>, but found '<block mapping start>'; check the indentation: "
+        "keys of one mapping, and the '- ' of one list, must line up",
+    ),
+    (
+        "routes:\n  - name: api\n    match: {hosts: [*.example.com]}\n",
+        "3: invalid YAML: expected alphabetic or numeric character, but found '.'; a value that starts with "
+        "'*' or '&' must be quoted, e.g. hosts: [\"*.example.com\"]",
+    ),
+    (
+        "clients:\n  - name: office\n    description: & co\n",
+        "3: invalid YAML: expected alphabetic or numeric character, but found ' '; a value that starts with "
+        "'*' or '&' must be quoted, e.g. hosts: [\"*.example.com\"]",
+    ),
+    (
+        'clients:\n  - name: "office\n    ip_address: 10.0.0.1\n',
+        "4: invalid YAML: found unexpected end of stream; a quote opened on line 2 is not closed",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), SYNTAX)
+def test_a_yaml_syntax_error_names_its_likely_cause(first, text, expected):
+    (first / "knoxcall.yaml").write_text(text, encoding="utf-8")
+    code, out = run("check", str(first))
+    assert code == EXIT_FINDINGS
+    assert out.splitlines()[0] == f"{first}/knoxcall.yaml:{expected.replace(': invalid', ': error[config] invalid', 1)}"
