@@ -8,6 +8,7 @@ matters); the addon's words come from a real ``KnoxCall`` in mitmproxy's test co
 from __future__ import annotations
 
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -347,3 +348,48 @@ def test_a_yaml_syntax_error_names_its_likely_cause(first, text, expected):
     code, out = run("check", str(first))
     assert code == EXIT_FINDINGS
     assert out.splitlines()[0] == f"{first}/knoxcall.yaml:{expected.replace(': invalid', ': error[config] invalid', 1)}"
+
+
+# -- several problems at a reload: a summary line, then one line each -------------------------
+
+
+def test_several_problems_at_a_reload_are_one_line_each(first, caplog):
+    addon = KnoxCall()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, knoxcall_config=str(first), knoxcall_reload=False)
+        version = addon.current.policy.version
+        (first / "knoxcall.yaml").write_text(
+            FIRST.replace("127.0.0.0/29", "127.0.0.1/29").replace("[office, old-office]", "[ofice, old-office]"),
+            encoding="utf-8",
+        )
+        (first / "more.yaml").write_text("routes:\n  - name: api\n    enabled: yes please\n", encoding="utf-8")
+        with caplog.at_level(logging.ERROR, logger="knoxcall"):
+            answer = tctx.master.commands.call("knoxcall.reload")
+        status = tctx.master.commands.call("knoxcall.status")
+    assert addon.current.policy.version == version  # the last good config stays in force
+    expected = [
+        f"3 problems in {first}/knoxcall.yaml, {first}/more.yaml:",
+        f"  {first}/knoxcall.yaml:3: '127.0.0.1/29' has host bits set; did you mean 127.0.0.0/29 (or 127.0.0.1 alone)?",
+        f"  {first}/knoxcall.yaml:11: assignments.orders.production: unknown client 'ofice' (did you mean 'office'?)",
+        f"  {first}/more.yaml:3: route 'api': 'enabled' must be true or false, not a string ('yes please')",
+    ]
+    assert answer.splitlines() == [f"knoxcall: config invalid, still serving {version}: {expected[0]}", *expected[1:]]
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert record.getMessage().splitlines() == [
+        f"knoxcall: config in {first} is invalid, still serving {version}: {expected[0]}",
+        *expected[1:],
+    ]
+    assert "\n".join(expected) in status
+
+
+def test_one_problem_at_a_reload_stays_on_its_line(first):
+    addon = KnoxCall()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, knoxcall_config=str(first), knoxcall_reload=False)
+        version = addon.current.policy.version
+        (first / "knoxcall.yaml").write_text(FIRST.replace("[office,", "[ofice,"), encoding="utf-8")
+        answer = tctx.master.commands.call("knoxcall.reload")
+    assert answer == (
+        f"knoxcall: config invalid, still serving {version}: {first}/knoxcall.yaml:11: assignments.orders.production: "
+        "unknown client 'ofice' (did you mean 'office'?)"
+    )
