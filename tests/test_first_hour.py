@@ -393,3 +393,23 @@ def test_one_problem_at_a_reload_stays_on_its_line(first):
         f"knoxcall: config invalid, still serving {version}: {first}/knoxcall.yaml:11: assignments.orders.production: "
         "unknown client 'ofice' (did you mean 'office'?)"
     )
+
+
+# -- explain: a disabled client assigned here ---------------------------------------------------
+
+
+def test_explain_says_where_a_disabled_client_is_assigned(first):
+    """Issue 10: it said "disabled; assigned nowhere" of a client assigned to that very route."""
+    code, out = run("explain", "--ip", "127.0.1.3", "--route", "orders", str(first))
+    assert code == EXIT_OK
+    assert out.splitlines()[0] == "DENIED (403): client_disabled"
+    assert "    client old-office (127.0.1.0/24) is disabled (it is assigned to orders in production)\n" in out
+    code, out = run("explain", "--ip", "127.0.2.3", "--route", "orders", str(first))
+    assert "  assigned here: office (127.0.0.0/29), old-office (127.0.1.0/24; disabled)\n" in out
+
+    text = FIRST.replace("routes:\n  - name: orders\n", "routes:\n  - name: orders\n  - name: billing\n")
+    (first / "knoxcall.yaml").write_text(text + "  billing:\n    production: [old-office]\n", encoding="utf-8")
+    out = run("explain", "--ip", "127.0.1.3", "--route", "orders", str(first))[1]
+    assert "is disabled (it is assigned to orders in production); also assigned to billing/production\n" in out
+    out = run("explain", "--ip", "127.0.1.3", "--route", "billing", "--config", str(first))[1]
+    assert "is disabled (it is assigned to billing in production); also assigned to orders/production\n" in out
