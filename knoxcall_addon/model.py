@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import reprlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ class _ShortRepr(reprlib.Repr):
 
     def repr1(self, x: object, level: int) -> str:
         if isinstance(x, dict) and type(x) is not dict:
-            return self.repr_dict(dict(list(x.items())[: self.maxdict + 1]), level)
+            return self.repr_dict(dict(itertools.islice(x.items(), self.maxdict + 1)), level)
         if isinstance(x, list) and type(x) is not list:
             return self.repr_list(list(x[: self.maxlist + 1]), level)
         return super().repr1(x, level)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from knoxcall_addon.model import ConfigError, Location, Problem
+from knoxcall_addon.model import ConfigError, Location, Problem, cut
 
 YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -292,21 +292,22 @@ def syntax_hint(error: yaml.MarkedYAMLError, text: str) -> str:
         return (
             "; a [list] or {mapping} is not closed, or a value in it holds ',' ':' '[' ']' '{' '}' and must be quoted"
         )
-    above = next((lines[i] for i in range(index - 1, -1, -1) if lines[i].strip()), "")
+    above_index = next((i for i in range(min(index, len(lines)) - 1, -1, -1) if lines[i].strip()), -1)
+    above = lines[above_index] if above_index >= 0 else ""  # the last line with text before this one
     if "mapping values are not allowed" in problem:
         if _KEY_WITHOUT_SPACE.match(above):
-            return f"; line {index}: a key needs a space after its ':' (name: office, not name:office)"
+            return f"; line {above_index + 1}: a key needs a space after its ':' (name: office, not name:office)"
         value = line.split(": ", 1)[1] if ": " in line else ""
         if ": " in value or value.rstrip().endswith(":"):
             key, value = line.split(":", 1)[0].strip(" -"), value.strip()
             example = value if len(value) <= 40 and '"' not in value else "..."
-            return f"; a value that contains ': ' must be quoted, e.g. {key}: \"{example}\""
+            return f"; a value that contains ': ' must be quoted, e.g. {cut(key)}: \"{example}\""
         return "; check the indentation: this line is indented deeper than the key it belongs to"
     if "could not find expected ':'" in problem and _KEY_WITHOUT_SPACE.match(line):
         return "; a key needs a space after its ':' (name: office, not name:office)"
     if "expected <block end>" in problem or "expected key" in problem or "'-' indicator" in problem:
         if _KEY_WITHOUT_SPACE.match(above):
-            return f"; line {index}: a key needs a space after its ':' (name: office, not name:office)"
+            return f"; line {above_index + 1}: a key needs a space after its ':' (name: office, not name:office)"
         return "; check the indentation: keys of one mapping, and the '- ' of one list, must line up"
     return ""
 

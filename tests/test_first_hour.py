@@ -316,6 +316,11 @@ SYNTAX = [
         "(name: office, not name:office)",
     ),
     (
+        "clients:\n  - name:office\n\n    ip_address: 10.0.0.1\n",  # the line it names is the one above with text
+        "4: invalid YAML: mapping values are not allowed here; line 2: a key needs a space after its ':' "
+        "(name: office, not name:office)",
+    ),
+    (
         "clients:\n  - name: office\n      ip_address: 10.0.0.1\n",
         "3: invalid YAML: mapping values are not allowed here; check the indentation: this line is indented "
         "deeper than the key it belongs to",
