@@ -29,13 +29,15 @@ from knoxcall_addon.explain import explain, request_for
 from knoxcall_addon.ipmatch import parse_ip
 from knoxcall_addon.lint import RULES, Finding, lint
 from knoxcall_addon.loader import OBJECT_NAME
-from knoxcall_addon.model import ConfigError
+from knoxcall_addon.model import Config, ConfigError
 from knoxcall_addon.policy import Policy, load_policy
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
 EXIT_USAGE = 2
 EXIT_NO_ICMP = 3
+
+DEFAULT_CONFIG = "config"  # the addon's knoxcall_config default, relative to the working directory
 
 
 def main(argv: Sequence[str] | None = None, *, pinger: Pinger = icmp_pinger, out: TextIO | None = None) -> int:
@@ -46,6 +48,11 @@ def main(argv: Sequence[str] | None = None, *, pinger: Pinger = icmp_pinger, out
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits 2 on usage errors, 0 on --help
         return int(e.code or 0)
+    if args.command in ("check", "explain", "ping"):
+        folder = _config_folder(args)
+        if folder is None:
+            return EXIT_USAGE
+        args.config = folder
     if args.command == "check":
         unknown = sorted(set(args.ignore or ()) - set(RULES))
         if unknown:
@@ -68,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("check", help="validate the config exactly as the proxy loads it, then lint it")
-    p.add_argument("config", nargs="?", default="config", metavar="CONFIG_DIR", help="config folder (default: config)")
+    _config_arguments(p)
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument("--strict", action="store_true", help="exit 1 on warnings too (for CI of a config repository)")
     p.add_argument("--ignore", action="append", metavar="RULE", help="skip a lint rule (repeatable)")
@@ -78,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--route", required=True)
     p.add_argument("--env", help="environment (default: the default environment)")
     p.add_argument("--key-name", help="name of an API key in the config (the secret is never needed)")
-    p.add_argument("--config", default="config", metavar="CONFIG_DIR")
+    _config_arguments(p)
     p.add_argument(
         "--header",
         action="append",
@@ -92,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-code", action="store_true", help="exit 1 when the request would be denied")
 
     p = sub.add_parser("ping", help="ICMP check of server clients' single addresses")
-    p.add_argument("config", nargs="?", default="config", metavar="CONFIG_DIR")
+    _config_arguments(p)
     p.add_argument("--count", type=_positive_int, default=3, help="echo requests per address (default 3)")
     p.add_argument("--timeout", type=_positive_float, default=1.0, help="seconds to wait per reply (default 1)")
     p.add_argument("--interval", type=_positive_float, default=0.2, help="seconds between requests (default 0.2)")
@@ -102,6 +109,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--type", choices=("live", "test"), default="live")
     p.add_argument("--name", default="new-key", help="name for the api_keys entry (default: new-key)")
     return parser
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The config folder, taken the same way by every command that reads one: as the
+    positional CONFIG_DIR or as --config (explain had only the option, check and ping
+    only the positional, so a newcomer's first guess failed for one of them)."""
+    parser.add_argument(
+        "config", nargs="?", default=None, metavar="CONFIG_DIR", help=f"config folder (default: {DEFAULT_CONFIG})"
+    )
+    parser.add_argument(
+        "--config", dest="config_option", default=None, metavar="CONFIG_DIR", help="the same, as an option"
+    )
+
+
+def _config_folder(args: argparse.Namespace) -> str | None:
+    """The folder named by CONFIG_DIR or --config (the default when neither); None, with
+    a message, when both name different folders."""
+    positional, option = args.config, args.config_option
+    if positional is not None and option is not None and positional != option:
+        sys.stderr.write(
+            f"knoxcall {args.command}: two config folders given ({positional!r} and --config {option!r}); name one\n"
+        )
+        return None
+    return next((f for f in (positional, option) if f is not None), DEFAULT_CONFIG)
 
 
 def _positive_int(text: str) -> int:
@@ -131,8 +162,10 @@ def _load(folder: str) -> tuple[Policy | None, list[Finding]]:
 
 def check(folder: str, *, fmt: str = "text", strict: bool = False, ignore: set[str] = frozenset(), out: TextIO) -> int:
     policy, findings = _load(folder)
+    notes: list[str] = []
     if policy is not None:
         findings = lint(policy.config)
+        notes = config_notes(policy.config)
     findings = [f for f in findings if f.rule not in ignore]
     errors = sum(f.severity == "error" for f in findings)
     warnings = len(findings) - errors
@@ -144,6 +177,7 @@ def check(folder: str, *, fmt: str = "text", strict: bool = False, ignore: set[s
                 "errors": errors,
                 "warnings": warnings,
                 "findings": [f.as_dict() for f in findings],
+                "notes": notes,
             },
             out,
             indent=2,
@@ -152,11 +186,25 @@ def check(folder: str, *, fmt: str = "text", strict: bool = False, ignore: set[s
     else:
         for finding in findings:
             out.write(f"{finding}\n")
+        for note in notes:
+            out.write(f"note: {note}\n")
         state = "invalid" if policy is None else "loads"
-        out.write(f"{folder}: config {state}; {errors} error(s), {warnings} warning(s)\n")
+        named = folder if folder.strip() else '""'  # as check_folder names an empty one
+        out.write(f"{named}: config {state}; {errors} error(s), {warnings} warning(s)\n")
     if errors or (strict and warnings):
         return EXIT_FINDINGS
     return EXIT_OK
+
+
+def config_notes(config: Config) -> list[str]:
+    """What the loader assumed for a config that does not say it (neither an error nor a
+    lint finding: the config is fine, but its reader should know)."""
+    return [
+        f"no environments are declared, so the default environment {env.name!r} is the only one; "
+        "an 'environments' list replaces it"
+        for env in config.environments.values()
+        if env.implicit
+    ]
 
 
 # -- explain -----------------------------------------------------------------------------

@@ -200,7 +200,7 @@ def _near_misses(policy: Policy, address: IPAddress, decision: Decision) -> list
         assigned = policy.access_for(route, environment).assigned
         if assigned:
             names = sorted(assigned)[:NEAR_MISS_LIMIT]
-            shown = ", ".join(f"{n} ({', '.join(str(x) for x in config.clients[n].networks[:3])})" for n in names)
+            shown = ", ".join(_client_summary(config.clients[n]) for n in names)
             lines.append(f"  assigned here: {shown}" + (" ..." if len(assigned) > len(names) else ""))
         else:
             lines.append(f"  no client is assigned to {route} in {environment}")
@@ -209,22 +209,39 @@ def _near_misses(policy: Policy, address: IPAddress, decision: Decision) -> list
     for name in covering[:NEAR_MISS_LIMIT]:
         client = config.clients[name]
         network = best_range(client, address)
-        elsewhere = [
-            f"{a.route}/{a.environment}"
-            for a in config.assignments
-            if name in a.clients and not (a.route == route and a.environment == environment)
-        ]
+        here = False
+        elsewhere: list[str] = []
+        for a in config.assignments:
+            if name in a.clients:
+                if a.route == route and a.environment == environment:
+                    here = True
+                else:
+                    elsewhere.append(f"{a.route}/{a.environment}")
         other_envs = [e.split("/", 1)[1] for e in elsewhere if e.split("/", 1)[0] == route]
+        others = ", ".join(elsewhere[:NEAR_MISS_LIMIT]) + (" ..." if len(elsewhere) > NEAR_MISS_LIMIT else "")
         if not client.enabled:
+            # Disabled wins over everything else: it is why the client does not count,
+            # even where it is assigned (check's disabled-assigned warns about that).
             why = "is disabled"
+            if here:
+                why += f" (it is assigned to {route} in {environment})"
+                where = f"; also assigned to {others}" if elsewhere else ""
+            else:
+                where = f"; assigned to {others}" if elsewhere else "; assigned nowhere"
         elif other_envs:
             why = f"is assigned to {route} only in {', '.join(other_envs)}, not in {environment}"
+            where = ""
         else:
             why = f"is not assigned to {route} in {environment}"
-        where = f"; assigned to {', '.join(elsewhere[:NEAR_MISS_LIMIT])}" if elsewhere and not other_envs else ""
-        if not elsewhere:
-            where = "; assigned nowhere"
+            where = f"; assigned to {others}" if elsewhere else "; assigned nowhere"
         lines.append(f"    client {name} ({network}) {why}{where}")
     if len(covering) > NEAR_MISS_LIMIT:
         lines.append(f"    ... and {len(covering) - NEAR_MISS_LIMIT} more")
     return lines
+
+
+def _client_summary(client: Client) -> str:
+    """``name (first ranges)``, marked when disabled: a disabled client assigned here lets no one in."""
+    networks = client.networks
+    shown = ", ".join(str(n) for n in networks[:3]) + (", ..." if len(networks) > 3 else "")
+    return f"{client.name} ({shown}{'' if client.enabled else '; disabled'})"

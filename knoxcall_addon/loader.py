@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import posixpath
 import re
 import socket
@@ -31,9 +32,11 @@ from knoxcall_addon.model import (
     RouteMatch,
     RouteOverride,
     Settings,
+    cut,
     pack_network,
+    shown,
 )
-from knoxcall_addon.yamlsource import LocatedDict, LocatedList, read_folder
+from knoxcall_addon.yamlsource import YAML_SUFFIXES, LocatedDict, LocatedList, read_folder
 
 ENVIRONMENT_NAME = re.compile(r"^[a-z0-9_-]+$")
 OBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -65,15 +68,38 @@ _MISSING = object()
 
 def load_config(folder: str | Path) -> Config:
     """Read, validate and return the config in ``folder``; raise ConfigError otherwise."""
-    path = Path(folder)
+    path = check_folder(folder)
     sources, version = read_folder(path, reuse=True)
     if not sources:
-        raise ConfigError([Problem(Location(str(path), 0), "no config files (*.yaml, *.yml) in this folder")])
+        where = Location(os.path.abspath(path), 0)
+        raise ConfigError([Problem(where, "no config files (*.yaml, *.yml) in this folder")])
     builder = _Builder()
     for source in sources:
         builder.add_file(source.data, str(source.path))
     config = builder.build(version=version, folder=str(path), files=tuple(str(s.path) for s in sources))
     return config
+
+
+def check_folder(folder: str | Path) -> Path:
+    """``folder`` as a Path if it names a folder; else ConfigError saying what it is.
+
+    The one place that judges the config folder itself, so that ``knoxcall`` and the
+    addon's ``knoxcall_config`` say the same words. Messages name the absolute path: a
+    relative one is relative to a working directory the reader may not know. An empty
+    name is refused rather than read as ``.`` (which ``Path("")`` is).
+    """
+    if not str(folder).strip():
+        raise ConfigError([Problem(Location('""', 0), "the config folder name is empty: name a folder, e.g. config")])
+    path = Path(folder)
+    where = Location(os.path.abspath(path), 0)
+    if path.is_dir():
+        return path
+    if path.exists():
+        hint = f"; name the folder that holds it, {os.path.dirname(where.file)}" if path.suffix in YAML_SUFFIXES else ""
+        raise ConfigError([Problem(where, f"the config folder is a file, not a folder{hint}")])
+    if path.is_symlink():
+        raise ConfigError([Problem(where, "the config folder is a broken symlink (its target does not exist)")])
+    raise ConfigError([Problem(where, "config folder does not exist")])
 
 
 def parse_networks(value: str, where: Location) -> list[IPNetwork]:
@@ -88,7 +114,7 @@ def pack_networks(value: str, where: Location) -> bytes:
     for part in value.split(","):
         part = part.strip()
         if not part:
-            problems.append(Problem(where, f"empty address in {value!r}"))
+            problems.append(Problem(where, f"empty address in {shown(value)}"))
             continue
         try:
             packed.append(_pack_plain_network(part) or pack_network(parse_network(part)))
@@ -147,19 +173,19 @@ def parse_network(text: str) -> IPNetwork:
     if (fast := _pack_plain_network(text)) is not None:
         return NetworkSet.from_packed(fast)[0]
     if "%" in text:
-        raise ValueError(f"{text!r}: zone indexes (%...) are not allowed in config")
+        raise ValueError(f"{shown(text)}: zone indexes (%...) are not allowed in config")
     try:
         network = ipaddress.ip_network(text, strict=True)
     except ValueError as e:
         try:
             loose = ipaddress.ip_network(text, strict=False)
         except ValueError:
-            raise ValueError(f"{text!r} is not an IP address or CIDR range") from None
+            raise ValueError(f"{shown(text)} is not an IP address or CIDR range") from None
         if "has host bits set" in str(e):
             raise ValueError(
-                f"{text!r} has host bits set; did you mean {loose} (or {text.split('/')[0]} alone)?"
+                f"{shown(text)} has host bits set; did you mean {loose} (or {text.split('/')[0]} alone)?"
             ) from None
-        raise ValueError(f"{text!r}: {e}") from None
+        raise ValueError(f"{shown(text)}: {e}") from None
     if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
         mapped = network.network_address.ipv4_mapped
         if mapped is not None:
@@ -190,10 +216,10 @@ class _Builder:
         for key in mapping:
             if key not in allowed:
                 hint = difflib.get_close_matches(str(key), allowed, n=1)
-                suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+                suggestion = f" (did you mean {shown(hint[0])}?)" if hint else ""
                 self.error(
                     mapping.where(key),
-                    f"unknown key {key!r} in {what}{suggestion}; allowed: {', '.join(allowed)}",
+                    f"unknown key {shown(key)} in {what}{suggestion}; allowed: {', '.join(allowed)}",
                 )
 
     def field(
@@ -207,7 +233,7 @@ class _Builder:
         """The value of ``key`` if it has the right type; a recorded problem otherwise."""
         if key not in mapping:
             if default is _MISSING:
-                self.error(mapping.location, f"{what} is missing required key {key!r}")
+                self.error(mapping.location, f"{what} is missing required key {shown(key)}")
                 return None
             return default
         value = mapping[key]
@@ -221,7 +247,7 @@ class _Builder:
             names = " or ".join(_type_name(k) for k in kinds)
             self.error(
                 mapping.where(key),
-                f"{what}: {key!r} must be {names}, not {_type_name(type(value))} ({value!r})",
+                f"{what}: {shown(key)} must be {names}, not {_type_name(type(value))} ({shown(value)})",
             )
             return None
         return value
@@ -231,7 +257,7 @@ class _Builder:
         if name is None:
             return None
         if not pattern.match(name):
-            self.error(entry.where("name"), f"{what} name {name!r} must match {pattern.pattern}")
+            self.error(entry.where("name"), f"{what} name {shown(name)} must match {pattern.pattern}")
             return None
         return name
 
@@ -251,12 +277,12 @@ class _Builder:
             if value is None:
                 continue
             if not isinstance(value, LocatedDict):
-                self.error(data.where(section), f"{section!r} must be a mapping")
+                self.error(data.where(section), f"{shown(section)} must be a mapping")
                 continue
             merged = self.settings if section == "settings" else self.assignments
             for key, item, where in value.located_items():
                 if key in merged:
-                    self.error(where, f"{section}.{key} is defined twice (first at {merged[key][1]})")
+                    self.error(where, f"{section}.{cut(key)} is defined twice (first at {merged[key][1]})")
                     continue
                 merged[key] = (item, where)
         for section, entries in self.lists.items():
@@ -264,7 +290,7 @@ class _Builder:
                 continue
             value = data[section]
             if not isinstance(value, LocatedList):
-                self.error(data.where(section), f"{section!r} must be a list")
+                self.error(data.where(section), f"{shown(section)} must be a list")
                 continue
             entries.extend(zip(value, value.item_locations, strict=True))
 
@@ -273,6 +299,8 @@ class _Builder:
     def build(self, version: str, folder: str, files: tuple[str, ...]) -> Config:
         self.folder = folder
         environments = self._named(self.lists["environments"], "environment", self._environment)
+        if not self.lists["environments"]:
+            environments = self._implicit_environment()
         clients = self._named(self.lists["clients"], "client", self._client)
         routes = self._named(self.lists["routes"], "route", lambda e, n: self._route(e, n, environments))
         api_keys = self._named(self.lists["api_keys"], "API key", self._api_key)
@@ -310,7 +338,7 @@ class _Builder:
                 continue
             if name in first_seen:
                 first = first_seen[name]
-                self.error(entry.where("name"), f"{what} {name!r} is defined twice (first at {first})")
+                self.error(entry.where("name"), f"{what} {shown(name)} is defined twice (first at {first})")
                 continue
             first_seen[name] = entry.location
             # An entry with problems keeps its name (as None) so that references to it
@@ -318,34 +346,57 @@ class _Builder:
             result[name] = make(entry, name)
         return result
 
+    def _implicit_environment(self) -> dict[str, Environment]:
+        """No file declares an environment: the default one exists on its own (a declared
+        list, even of one, is taken as the whole truth and must name the default)."""
+        name = self.settings.get("default_environment", (Settings().default_environment, None))[0]
+        if not isinstance(name, str) or not ENVIRONMENT_NAME.match(name):
+            return {}  # _settings says what is wrong with it
+        where = Location(self.folder, 0)
+        return {name: Environment(name, "implicit: no environments are declared", where, implicit=True)}
+
     def _settings(self, environments: dict[str, Environment]) -> Settings:
         for key, (_, where) in self.settings.items():
             if key not in SETTINGS_KEYS:
                 hint = difflib.get_close_matches(str(key), SETTINGS_KEYS, n=1)
-                suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-                self.error(where, f"unknown key {key!r} in settings{suggestion}")
+                suggestion = f" (did you mean {shown(hint[0])}?)" if hint else ""
+                self.error(where, f"unknown key {shown(key)} in settings{suggestion}")
         values = {k: v for k, (v, _) in self.settings.items()}
         where = {k: loc for k, (_, loc) in self.settings.items()}
         defaults = Settings()
 
         default_env = values.get("default_environment", defaults.default_environment)
         if not isinstance(default_env, str):
-            self.error(where["default_environment"], "settings.default_environment must be a string")
+            self.error(
+                where["default_environment"],
+                f"settings.default_environment must be a string, not {_type_name(type(default_env))}",
+            )
             default_env = defaults.default_environment
+        elif not self.lists["environments"] and not ENVIRONMENT_NAME.match(default_env):
+            self.error(
+                where["default_environment"],
+                f"settings.default_environment {shown(default_env)} must match {ENVIRONMENT_NAME.pattern}",
+            )
         elif default_env not in environments:
             self.error(
                 where.get("default_environment", Location(self._first_file(), 0)),
-                f"default environment {default_env!r} is not defined under 'environments'",
+                f"default environment {shown(default_env)} is not defined under 'environments'",
             )
 
         header = values.get("client_ip_header", defaults.client_ip_header)
         if not isinstance(header, str) or not re.match(r"^[A-Za-z0-9-]+$", header):
-            self.error(where["client_ip_header"], "settings.client_ip_header must be a header name")
+            self.error(
+                where["client_ip_header"],
+                f"settings.client_ip_header must be a header name (letters, digits, '-'), not {shown(header)}",
+            )
             header = defaults.client_ip_header
 
         unmatched = values.get("unmatched_requests", defaults.unmatched_requests)
         if unmatched not in ("deny", "allow"):
-            self.error(where["unmatched_requests"], "settings.unmatched_requests must be 'deny' or 'allow'")
+            self.error(
+                where["unmatched_requests"],
+                f"settings.unmatched_requests must be 'deny' or 'allow', not {shown(unmatched)}",
+            )
             unmatched = "deny"
 
         proxies = NetworkSet()
@@ -384,7 +435,7 @@ class _Builder:
                 continue
             part_where = value.where(i) if parts is value else where
             if not isinstance(part, str):
-                self.error(part_where, f"{what}: {part!r} must be a string like '10.0.0.0/8'{_quote_hint(part)}")
+                self.error(part_where, f"{what}: {shown(part)} must be a string like '10.0.0.0/8'{_quote_hint(part)}")
                 continue
             try:
                 packed.append(pack_networks(part, part_where))
@@ -393,16 +444,16 @@ class _Builder:
         return NetworkSet.from_packed(b"".join(packed))
 
     def _environment(self, entry: LocatedDict, name: str) -> Environment:
-        self.check_keys(entry, ENVIRONMENT_KEYS, f"environment {name!r}")
-        description = self.field(entry, "description", str, "", f"environment {name!r}")
+        self.check_keys(entry, ENVIRONMENT_KEYS, f"environment {shown(name)}")
+        description = self.field(entry, "description", str, "", f"environment {shown(name)}")
         return Environment(name=name, description=description or "", location=entry.location)
 
     def _client(self, entry: LocatedDict, name: str) -> Client | None:
-        what = f"client {name!r}"
+        what = f"client {shown(name)}"
         self.check_keys(entry, CLIENT_KEYS, what)
         client_type = self.field(entry, "type", str, "server", what)
         if client_type not in ("server", "user", None):
-            self.error(entry.where("type"), f"{what}: type must be 'server' or 'user'")
+            self.error(entry.where("type"), f"{what}: type must be 'server' or 'user', not {shown(client_type)}")
         enabled = self.field(entry, "enabled", bool, True, what)
         description = self.field(entry, "description", str, "", what)
         if "ip_address" not in entry:
@@ -433,7 +484,7 @@ class _Builder:
         methods = set()
         for method in value:
             if not isinstance(method, str) or not METHOD.match(method.upper()):
-                self.error(where, f"{what}: {method!r} is not an HTTP method")
+                self.error(where, f"{what}: {shown(method)} is not an HTTP method")
                 continue
             methods.add(method.upper())
         return frozenset(methods)
@@ -446,7 +497,7 @@ class _Builder:
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
             self.error(
                 entry.where("target_base_url"),
-                f"{what}: target_base_url {target!r} must be an http(s) URL with a host and no query",
+                f"{what}: target_base_url {shown(target)} must be an http(s) URL with a host and no query",
             )
             return None
         try:
@@ -454,7 +505,7 @@ class _Builder:
         except ValueError:
             port = 0
         if port == 0:  # port 0 would silently become the scheme's default port
-            self.error(entry.where("target_base_url"), f"{what}: bad port in {target!r}")
+            self.error(entry.where("target_base_url"), f"{what}: bad port in {shown(target)}")
             return None
         if parts.username is not None or parts.password is not None:
             # They would be dropped silently (the request is re-targeted by host and port),
@@ -475,7 +526,7 @@ class _Builder:
         raw_hosts = self.field(value, "hosts", LocatedList, LocatedList(), f"{what} match")
         for host, where in zip(raw_hosts or [], getattr(raw_hosts, "item_locations", []), strict=False):
             if not isinstance(host, str) or not HOST_PATTERN.match(host.lower().rstrip(".")):
-                self.error(where, f"{what}: {host!r} is not a host name (a leading '*.' is allowed)")
+                self.error(where, f"{what}: {shown(host)} is not a host name (a leading '*.' is allowed)")
                 continue
             hosts.append(host.lower().rstrip("."))
         prefix = self.field(value, "path_prefix", str, "/", f"{what} match")
@@ -487,8 +538,8 @@ class _Builder:
             # written otherwise would silently never match.
             self.error(
                 value.where("path_prefix"),
-                f"{what}: path_prefix {prefix!r} can never match, since request paths are matched "
-                f"percent-decoded and normalised; write {normal!r}",
+                f"{what}: path_prefix {shown(prefix)} can never match, since request paths are matched "
+                f"percent-decoded and normalised; write {shown(normal)}",
             )
             prefix = None
         if prefix is None:
@@ -497,21 +548,21 @@ class _Builder:
         return RouteMatch(hosts=tuple(hosts), path_prefix=prefix)
 
     def _route(self, entry: LocatedDict, name: str, environments: dict[str, Environment]) -> Route:
-        what = f"route {name!r}"
+        what = f"route {shown(name)}"
         self.check_keys(entry, ROUTE_KEYS, what)
         overrides: dict[str, RouteOverride] = {}
         raw_overrides = self.field(entry, "environments", LocatedDict, None, what)
         for env_name, override, where in raw_overrides.located_items() if raw_overrides else ():
             if env_name not in environments:
-                self.error(where, f"{what}: unknown environment {env_name!r}{_suggest(env_name, environments)}")
+                self.error(where, f"{what}: {_unknown_environment(env_name, environments)}")
                 continue
             if not isinstance(override, LocatedDict):
-                self.error(where, f"{what}: the override for {env_name!r} must be a mapping")
+                self.error(where, f"{what}: the override for {shown(env_name)} must be a mapping")
                 continue
-            self.check_keys(override, OVERRIDE_KEYS, f"{what} environment {env_name!r}")
+            self.check_keys(override, OVERRIDE_KEYS, f"{what} environment {shown(env_name)}")
             overrides[env_name] = RouteOverride(
-                target_base_url=self._target(override, f"{what} ({env_name})"),
-                allowed_methods=self._methods(override, f"{what} ({env_name})"),
+                target_base_url=self._target(override, f"{what} ({cut(env_name)})"),
+                allowed_methods=self._methods(override, f"{what} ({cut(env_name)})"),
             )
         return Route(
             name=name,
@@ -527,12 +578,12 @@ class _Builder:
         )
 
     def _api_key(self, entry: LocatedDict, name: str) -> ApiKey | None:
-        what = f"API key {name!r}"
+        what = f"API key {shown(name)}"
         self.check_keys(entry, API_KEY_KEYS, what)
         digest = self.field(entry, "key_sha256", str, what=what)
         key_type = self.field(entry, "type", str, "live", what)
         if key_type not in ("live", "test", None):
-            self.error(entry.where("type"), f"{what}: type must be 'live' or 'test'")
+            self.error(entry.where("type"), f"{what}: type must be 'live' or 'test', not {shown(key_type)}")
         enabled = self.field(entry, "enabled", bool, True, what)
         self.field(entry, "description", str, "", what)
         if digest is None:
@@ -560,37 +611,40 @@ class _Builder:
         result: list[Assignment] = []
         for route_name, (per_env, where) in self.assignments.items():
             if route_name not in routes:
-                self.error(where, f"assignments: unknown route {route_name!r}{_suggest(route_name, routes)}")
+                self.error(where, f"assignments: unknown route {shown(route_name)}{_suggest(route_name, routes)}")
                 continue
             if per_env is None:
                 continue
             if not isinstance(per_env, LocatedDict):
-                self.error(where, f"assignments.{route_name} must map environments to lists of clients")
+                self.error(where, f"assignments.{cut(route_name)} must map environments to lists of clients")
                 continue
             for env_name, names, env_where in per_env.located_items():
+                at = f"assignments.{cut(route_name)}.{cut(env_name)}"
                 if env_name not in environments:
                     self.error(
-                        env_where,
-                        f"assignments.{route_name}: unknown environment {env_name!r}{_suggest(env_name, environments)}",
+                        env_where, f"assignments.{cut(route_name)}: {_unknown_environment(env_name, environments)}"
                     )
                     continue
                 names_list = [] if names is None else _one_or_list(names, env_where)
                 if names_list is None:
-                    self.error(env_where, f"assignments.{route_name}.{env_name} must be a list of client names")
+                    self.error(env_where, f"{at} must be a list of client names")
                     continue
                 chosen: list[str] = []
                 for client_name, client_where in names_list:
                     if not isinstance(client_name, str):
-                        self.error(client_where, f"assignments.{route_name}.{env_name}: {client_name!r} is not a name")
+                        self.error(
+                            client_where,
+                            f"{at}: {shown(client_name)} is not a name",
+                        )
                     elif client_name not in clients:
                         self.error(
                             client_where,
-                            f"assignments.{route_name}.{env_name}: unknown client {client_name!r}"
-                            f"{_suggest(client_name, clients)}",
+                            f"{at}: unknown client {shown(client_name)}{_suggest(client_name, clients)}",
                         )
                     elif client_name in chosen:
                         self.error(
-                            client_where, f"assignments.{route_name}.{env_name}: {client_name!r} is listed twice"
+                            client_where,
+                            f"{at}: {shown(client_name)} is listed twice",
                         )
                     else:
                         chosen.append(client_name)
@@ -607,9 +661,21 @@ def _one_or_list(value: Any, where: Location) -> list[tuple[Any, Location]] | No
     return None
 
 
+def _unknown_environment(name: Any, environments: dict[str, Environment]) -> str:
+    """Why ``name`` is not an environment, with a near miss, or how to declare more."""
+    message = f"unknown environment {shown(name)}{_suggest(name, environments)}"
+    implicit = [e.name for e in environments.values() if e.implicit]
+    if implicit:
+        message += (
+            f"; no environments are declared, so only the default environment {shown(implicit[0])} exists:"
+            " list every environment under 'environments' to have more"
+        )
+    return message
+
+
 def _suggest(name: str, known: dict[str, Any]) -> str:
     hint = difflib.get_close_matches(str(name), list(known), n=1)
-    return f" (did you mean {hint[0]!r}?)" if hint else ""
+    return f" (did you mean {shown(hint[0])}?)" if hint else ""
 
 
 def _normal_prefix(prefix: str) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
+import reprlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -36,6 +38,50 @@ class Problem:
         return f"{self.location}: {self.message}"
 
 
+MESSAGE_VALUE_LIMIT = 100  # characters of a string quoted in a message (about; a list's items get less each)
+
+
+class _ShortRepr(reprlib.Repr):
+    """reprlib by isinstance: the loader's values are list and dict subclasses, which
+    reprlib would otherwise repr in full before cutting."""
+
+    def repr1(self, x: object, level: int) -> str:
+        if isinstance(x, dict) and type(x) is not dict:
+            return self.repr_dict(dict(itertools.islice(x.items(), self.maxdict + 1)), level)
+        if isinstance(x, list) and type(x) is not list:
+            return self.repr_list(list(x[: self.maxlist + 1]), level)
+        return super().repr1(x, level)
+
+
+_SHORT_SCALAR = _ShortRepr(maxstring=MESSAGE_VALUE_LIMIT, maxother=MESSAGE_VALUE_LIMIT)
+_SHORT_NESTED = _ShortRepr(maxlevel=2, maxdict=3, maxlist=3, maxstring=24, maxother=24)
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` for a message, long values elided (at most ~2 * MESSAGE_VALUE_LIMIT).
+
+    A config value can be huge (a pasted file, a list of 100k addresses); a message
+    quotes enough of it to recognise it and stays one readable line.
+    """
+    if type(value) is str and len(value) <= MESSAGE_VALUE_LIMIT:
+        return repr(value)  # the common case, ~10x faster (the loader names every client so)
+    try:
+        if isinstance(value, list | dict | tuple | set | frozenset):
+            return _SHORT_NESTED.repr(value)
+        return _SHORT_SCALAR.repr(value)
+    except ValueError:  # an int too long to print (Python refuses past 4300 digits)
+        return f"<a {type(value).__name__} too long to show>"
+
+
+def cut(text: object) -> str:
+    """``str(text)`` for a message, elided in the middle past MESSAGE_VALUE_LIMIT characters."""
+    text = str(text)
+    if len(text) <= MESSAGE_VALUE_LIMIT:
+        return text
+    half = MESSAGE_VALUE_LIMIT // 2
+    return f"{text[:half]}...{text[-half:]}"
+
+
 class ConfigError(Exception):
     """One or more problems that make a config unusable; each names file and line."""
 
@@ -57,6 +103,9 @@ class Environment:
     name: str
     description: str = ""
     location: Location = Location("", 0)
+    # Declared by no file: a config without `environments` has its default one only,
+    # so that a first config (a client, a route, an assignment) loads as written.
+    implicit: bool = False
 
 
 _RECORD = 17  # bytes per packed network: a head byte, then the address in 16 bytes

@@ -599,8 +599,18 @@ def _as_config_error(folder: Path, error: Exception) -> ConfigError:
 
 
 def format_problems(error: ConfigError) -> str:
-    """All problems on one line (one log record), each with file and line."""
+    """The problems of an invalid config for the event log and the commands (one log record).
+
+    One problem stays on the line itself. Several start with a summary (how many, in which
+    files: the audit trail's line), then one indented line each: joined on one line they
+    made a line too long to read, with each problem's file:line lost in the middle of it.
+    """
     problems = [str(p) for p in error.problems] or [str(error)]
+    if len(problems) == 1:
+        return problems[0]
+    files = list(dict.fromkeys(p.location.file for p in error.problems))
+    where = ", ".join(files[:3]) + (f" and {len(files) - 3} more files" if len(files) > 3 else "")
     shown = problems[:MAX_PROBLEMS_LOGGED]
     more = len(problems) - len(shown)
-    return "; ".join(shown) + (f"; (+{more} more)" if more else "")
+    lines = [f"{len(problems)} problems in {where}:", *(f"  {p}" for p in shown)]
+    return "\n".join(lines + ([f"  (+{more} more)"] if more else []))

@@ -8,6 +8,7 @@ mapping are an error here (PyYAML would silently keep the last one).
 from __future__ import annotations
 
 import hashlib
+import re
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from knoxcall_addon.model import ConfigError, Location, Problem
+from knoxcall_addon.model import ConfigError, Location, Problem, cut
 
 YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -251,7 +252,9 @@ def parse_yaml(text: str, source_name: str) -> Any:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else 1
         what = e.problem or e.context or "invalid YAML"
-        raise ConfigError([Problem(Location(source_name, line), f"invalid YAML: {what}")]) from None
+        raise ConfigError(
+            [Problem(Location(source_name, line), f"invalid YAML: {what}{syntax_hint(e, text)}")]
+        ) from None
     except yaml.YAMLError as e:
         raise ConfigError([Problem(Location(source_name, 1), f"invalid YAML: {e}")]) from None
     except RecursionError:
@@ -260,6 +263,53 @@ def parse_yaml(text: str, source_name: str) -> Any:
         raise ConfigError([Problem(Location(source_name, 1), "invalid YAML: nested too deeply")]) from None
     finally:
         loader.dispose()
+
+
+_KEY_WITHOUT_SPACE = re.compile(r"^\s*(?:-\s+)?[A-Za-z_][\w.-]*:[^\s:/]")  # name:office (not a URL, not a::1)
+
+
+def syntax_hint(error: yaml.MarkedYAMLError, text: str) -> str:
+    """``"; " + the likely cause`` of a YAML syntax error, in a config writer's terms ("" if
+    none fits). PyYAML says what its parser met (``mapping values are not allowed here``),
+    which names neither the usual causes nor their fixes."""
+    problem = f"{error.problem or ''} {error.context or ''}"
+    mark = error.problem_mark or error.context_mark
+    lines = text.splitlines()
+    index = mark.line if mark else 0
+    line = lines[index] if 0 <= index < len(lines) else ""
+    if "\t" in line[: len(line) - len(line.lstrip())] or "'\\t'" in problem:  # a tab indents, or starts a token
+        return "; a tab on this line: YAML allows no tab in indentation or before a value, use spaces"
+    if "alias" in problem or "anchor" in problem:
+        return "; a value that starts with '*' or '&' must be quoted, e.g. hosts: [\"*.example.com\"]"
+    if "cannot start any token" in problem:
+        return "; a value that starts with '@', '`' or '%' must be quoted, e.g. description: \"@home\""
+    if "quoted scalar" in problem:
+        start = error.context_mark.line + 1 if error.context_mark else index + 1
+        return f"; a quote opened on line {start} is not closed"
+    if "another document" in problem:
+        return "; a config file holds one document: remove the '---' line"
+    if "expected ',' or" in problem or "flow " in problem:
+        return (
+            "; a [list] or {mapping} is not closed, or a value in it holds ',' ':' '[' ']' '{' '}' and must be quoted"
+        )
+    above_index = next((i for i in range(min(index, len(lines)) - 1, -1, -1) if lines[i].strip()), -1)
+    above = lines[above_index] if above_index >= 0 else ""  # the last line with text before this one
+    if "mapping values are not allowed" in problem:
+        if _KEY_WITHOUT_SPACE.match(above):
+            return f"; line {above_index + 1}: a key needs a space after its ':' (name: office, not name:office)"
+        value = line.split(": ", 1)[1] if ": " in line else ""
+        if ": " in value or value.rstrip().endswith(":"):
+            key, value = line.split(":", 1)[0].strip(" -"), value.strip()
+            example = value if len(value) <= 40 and '"' not in value else "..."
+            return f"; a value that contains ': ' must be quoted, e.g. {cut(key)}: \"{example}\""
+        return "; check the indentation: this line is indented deeper than the key it belongs to"
+    if "could not find expected ':'" in problem and _KEY_WITHOUT_SPACE.match(line):
+        return "; a key needs a space after its ':' (name: office, not name:office)"
+    if "expected <block end>" in problem or "expected key" in problem or "'-' indicator" in problem:
+        if _KEY_WITHOUT_SPACE.match(above):
+            return f"; line {above_index + 1}: a key needs a space after its ':' (name: office, not name:office)"
+        return "; check the indentation: keys of one mapping, and the '- ' of one list, must line up"
+    return ""
 
 
 def config_files(folder: Path) -> list[Path]:

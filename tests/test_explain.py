@@ -126,12 +126,14 @@ def test_matched_range_and_near_misses(config_dir):
     text = explain_text(policy, "10.1.0.5", "api")
     assert "client runner (10.1.0.0/24) is assigned to api only in staging, not in production" in text
     text = explain_text(policy, "10.2.0.5", "api")
-    assert "client retired (10.2.0.0/24) is disabled" in text
+    # retired is assigned to api in production, where it is asked about: not "assigned nowhere"
+    assert "client retired (10.2.0.0/24) is disabled (it is assigned to api in production)\n" in text + "\n"
     text = explain_text(policy, "10.3.0.5", "api")
     assert "client spare (10.3.0.0/24) is not assigned to api in production; assigned nowhere" in text
     text = explain_text(policy, "192.0.2.1", "api")
     assert "no client contains 192.0.2.1" in text
-    assert "assigned here: office (10.0.0.0/24, 10.9.9.9/32)" in text
+    here = "assigned here: office (10.0.0.0/24, 10.9.9.9/32), retired (10.2.0.0/24; disabled), server (10.0.0.7/32)"
+    assert here in text
     assert explain_text(policy, "not-an-ip", "api").startswith("error:")
 
 

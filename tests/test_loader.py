@@ -726,7 +726,9 @@ def test_any_edit_of_a_valid_config_loads_or_is_a_config_error(tmp_path: Path, e
 def test_problems_of_the_whole_config_name_a_file_or_the_folder(tmp_path: Path) -> None:
     only_settings = tmp_path / "only-settings"
     write(only_settings, "a.yaml", "settings:\n  unmatched_requests: deny\n")
-    assert errors(only_settings) == ["a.yaml: default environment 'production' is not defined under 'environments'"]
+    write(only_settings, "b.yaml", "environments:\n  - name: staging\n")
+    # the file that lists the environments is named: that list must hold the default
+    assert errors(only_settings) == ["b.yaml: default environment 'production' is not defined under 'environments'"]
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ConfigError) as caught:
