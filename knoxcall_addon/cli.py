@@ -66,6 +66,11 @@ def main(argv: Sequence[str] | None = None, *, pinger: Pinger = icmp_pinger, out
         return ping(args.config, settings, include_all=args.all, pinger=pinger, out=out)
     if args.command == "new-key":
         return new_key(args.type, args.name, out)
+    if args.command == "echo":
+        from knoxcall_addon.echoserver import serve
+
+        serve(args.host, args.port)
+        return EXIT_OK
     parser.print_help(sys.stderr)
     return EXIT_USAGE
 
@@ -108,6 +113,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("new-key", help="print a new random API key once, and its api_keys entry")
     p.add_argument("--type", choices=("live", "test"), default="live")
     p.add_argument("--name", default="new-key", help="name for the api_keys entry (default: new-key)")
+
+    p = sub.add_parser("echo", help="a stand-in API for trying KnoxCall: answers with what each request carried")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=_positive_int, default=9000, help="port (default 9000, the example config's target)")
     return parser
 
 
