@@ -33,7 +33,7 @@ from knoxcall_addon.model import (
     Settings,
     pack_network,
 )
-from knoxcall_addon.yamlsource import LocatedDict, LocatedList, read_folder
+from knoxcall_addon.yamlsource import LocatedDict, LocatedList, elide, read_folder, shown
 
 ENVIRONMENT_NAME = re.compile(r"^[a-z0-9_-]+$")
 OBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -61,6 +61,7 @@ OVERRIDE_KEYS = ("target_base_url", "allowed_methods")
 API_KEY_KEYS = ("name", "key_sha256", "type", "enabled", "description")
 
 _MISSING = object()
+MESSAGE_CHARS = 1000  # a problem's message is cut after this many characters
 
 
 def load_config(folder: str | Path) -> Config:
@@ -88,7 +89,7 @@ def pack_networks(value: str, where: Location) -> bytes:
     for part in value.split(","):
         part = part.strip()
         if not part:
-            problems.append(Problem(where, f"empty address in {value!r}"))
+            problems.append(Problem(where, f"empty address in {shown(value)}"))
             continue
         try:
             packed.append(_pack_plain_network(part) or pack_network(parse_network(part)))
@@ -147,19 +148,19 @@ def parse_network(text: str) -> IPNetwork:
     if (fast := _pack_plain_network(text)) is not None:
         return NetworkSet.from_packed(fast)[0]
     if "%" in text:
-        raise ValueError(f"{text!r}: zone indexes (%...) are not allowed in config")
+        raise ValueError(f"{shown(text)}: zone indexes (%...) are not allowed in config")
     try:
         network = ipaddress.ip_network(text, strict=True)
     except ValueError as e:
         try:
             loose = ipaddress.ip_network(text, strict=False)
         except ValueError:
-            raise ValueError(f"{text!r} is not an IP address or CIDR range") from None
+            raise ValueError(f"{shown(text)} is not an IP address or CIDR range") from None
         if "has host bits set" in str(e):
             raise ValueError(
-                f"{text!r} has host bits set; did you mean {loose} (or {text.split('/')[0]} alone)?"
+                f"{shown(text)} has host bits set; did you mean {loose} (or {shown(text.split('/')[0])[1:-1]} alone)?"
             ) from None
-        raise ValueError(f"{text!r}: {e}") from None
+        raise ValueError(f"{shown(text)}: {elide(str(e))}") from None
     if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
         mapped = network.network_address.ipv4_mapped
         if mapped is not None:
@@ -184,7 +185,8 @@ class _Builder:
     # -- helpers ---------------------------------------------------------------------
 
     def error(self, where: Location, message: str) -> None:
-        self.problems.append(Problem(where, message))
+        # Values are quoted with `shown`; this bounds what else a message may carry (long names).
+        self.problems.append(Problem(where, elide(message, MESSAGE_CHARS)))
 
     def check_keys(self, mapping: LocatedDict, allowed: tuple[str, ...], what: str) -> None:
         for key in mapping:
@@ -193,7 +195,7 @@ class _Builder:
                 suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
                 self.error(
                     mapping.where(key),
-                    f"unknown key {key!r} in {what}{suggestion}; allowed: {', '.join(allowed)}",
+                    f"unknown key {shown(key)} in {what}{suggestion}; allowed: {', '.join(allowed)}",
                 )
 
     def field(
@@ -207,7 +209,7 @@ class _Builder:
         """The value of ``key`` if it has the right type; a recorded problem otherwise."""
         if key not in mapping:
             if default is _MISSING:
-                self.error(mapping.location, f"{what} is missing required key {key!r}")
+                self.error(mapping.location, f"{what} is missing required key {shown(key)}")
                 return None
             return default
         value = mapping[key]
@@ -221,7 +223,7 @@ class _Builder:
             names = " or ".join(_type_name(k) for k in kinds)
             self.error(
                 mapping.where(key),
-                f"{what}: {key!r} must be {names}, not {_type_name(type(value))} ({value!r})",
+                f"{what}: {shown(key)} must be {names}, not {_type_name(type(value))} ({shown(value)})",
             )
             return None
         return value
@@ -231,7 +233,7 @@ class _Builder:
         if name is None:
             return None
         if not pattern.match(name):
-            self.error(entry.where("name"), f"{what} name {name!r} must match {pattern.pattern}")
+            self.error(entry.where("name"), f"{what} name {shown(name)} must match {pattern.pattern}")
             return None
         return name
 
@@ -310,7 +312,7 @@ class _Builder:
                 continue
             if name in first_seen:
                 first = first_seen[name]
-                self.error(entry.where("name"), f"{what} {name!r} is defined twice (first at {first})")
+                self.error(entry.where("name"), f"{what} {shown(name)} is defined twice (first at {first})")
                 continue
             first_seen[name] = entry.location
             # An entry with problems keeps its name (as None) so that references to it
@@ -323,7 +325,7 @@ class _Builder:
             if key not in SETTINGS_KEYS:
                 hint = difflib.get_close_matches(str(key), SETTINGS_KEYS, n=1)
                 suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-                self.error(where, f"unknown key {key!r} in settings{suggestion}")
+                self.error(where, f"unknown key {shown(key)} in settings{suggestion}")
         values = {k: v for k, (v, _) in self.settings.items()}
         where = {k: loc for k, (_, loc) in self.settings.items()}
         defaults = Settings()
@@ -335,7 +337,7 @@ class _Builder:
         elif default_env not in environments:
             self.error(
                 where.get("default_environment", Location(self._first_file(), 0)),
-                f"default environment {default_env!r} is not defined under 'environments'",
+                f"default environment {shown(default_env)} is not defined under 'environments'",
             )
 
         header = values.get("client_ip_header", defaults.client_ip_header)
@@ -384,7 +386,7 @@ class _Builder:
                 continue
             part_where = value.where(i) if parts is value else where
             if not isinstance(part, str):
-                self.error(part_where, f"{what}: {part!r} must be a string like '10.0.0.0/8'{_quote_hint(part)}")
+                self.error(part_where, f"{what}: {shown(part)} must be a string like '10.0.0.0/8'{_quote_hint(part)}")
                 continue
             try:
                 packed.append(pack_networks(part, part_where))
@@ -393,12 +395,12 @@ class _Builder:
         return NetworkSet.from_packed(b"".join(packed))
 
     def _environment(self, entry: LocatedDict, name: str) -> Environment:
-        self.check_keys(entry, ENVIRONMENT_KEYS, f"environment {name!r}")
-        description = self.field(entry, "description", str, "", f"environment {name!r}")
+        self.check_keys(entry, ENVIRONMENT_KEYS, f"environment {shown(name)}")
+        description = self.field(entry, "description", str, "", f"environment {shown(name)}")
         return Environment(name=name, description=description or "", location=entry.location)
 
     def _client(self, entry: LocatedDict, name: str) -> Client | None:
-        what = f"client {name!r}"
+        what = f"client {shown(name)}"
         self.check_keys(entry, CLIENT_KEYS, what)
         client_type = self.field(entry, "type", str, "server", what)
         if client_type not in ("server", "user", None):
@@ -433,7 +435,7 @@ class _Builder:
         methods = set()
         for method in value:
             if not isinstance(method, str) or not METHOD.match(method.upper()):
-                self.error(where, f"{what}: {method!r} is not an HTTP method")
+                self.error(where, f"{what}: {shown(method)} is not an HTTP method")
                 continue
             methods.add(method.upper())
         return frozenset(methods)
@@ -446,7 +448,7 @@ class _Builder:
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
             self.error(
                 entry.where("target_base_url"),
-                f"{what}: target_base_url {target!r} must be an http(s) URL with a host and no query",
+                f"{what}: target_base_url {shown(target)} must be an http(s) URL with a host and no query",
             )
             return None
         try:
@@ -454,7 +456,7 @@ class _Builder:
         except ValueError:
             port = 0
         if port == 0:  # port 0 would silently become the scheme's default port
-            self.error(entry.where("target_base_url"), f"{what}: bad port in {target!r}")
+            self.error(entry.where("target_base_url"), f"{what}: bad port in {shown(target)}")
             return None
         if parts.username is not None or parts.password is not None:
             # They would be dropped silently (the request is re-targeted by host and port),
@@ -475,7 +477,7 @@ class _Builder:
         raw_hosts = self.field(value, "hosts", LocatedList, LocatedList(), f"{what} match")
         for host, where in zip(raw_hosts or [], getattr(raw_hosts, "item_locations", []), strict=False):
             if not isinstance(host, str) or not HOST_PATTERN.match(host.lower().rstrip(".")):
-                self.error(where, f"{what}: {host!r} is not a host name (a leading '*.' is allowed)")
+                self.error(where, f"{what}: {shown(host)} is not a host name (a leading '*.' is allowed)")
                 continue
             hosts.append(host.lower().rstrip("."))
         prefix = self.field(value, "path_prefix", str, "/", f"{what} match")
@@ -487,8 +489,8 @@ class _Builder:
             # written otherwise would silently never match.
             self.error(
                 value.where("path_prefix"),
-                f"{what}: path_prefix {prefix!r} can never match, since request paths are matched "
-                f"percent-decoded and normalised; write {normal!r}",
+                f"{what}: path_prefix {shown(prefix)} can never match, since request paths are matched "
+                f"percent-decoded and normalised; write {shown(normal)}",
             )
             prefix = None
         if prefix is None:
@@ -497,18 +499,18 @@ class _Builder:
         return RouteMatch(hosts=tuple(hosts), path_prefix=prefix)
 
     def _route(self, entry: LocatedDict, name: str, environments: dict[str, Environment]) -> Route:
-        what = f"route {name!r}"
+        what = f"route {shown(name)}"
         self.check_keys(entry, ROUTE_KEYS, what)
         overrides: dict[str, RouteOverride] = {}
         raw_overrides = self.field(entry, "environments", LocatedDict, None, what)
         for env_name, override, where in raw_overrides.located_items() if raw_overrides else ():
             if env_name not in environments:
-                self.error(where, f"{what}: unknown environment {env_name!r}{_suggest(env_name, environments)}")
+                self.error(where, f"{what}: unknown environment {shown(env_name)}{_suggest(env_name, environments)}")
                 continue
             if not isinstance(override, LocatedDict):
-                self.error(where, f"{what}: the override for {env_name!r} must be a mapping")
+                self.error(where, f"{what}: the override for {shown(env_name)} must be a mapping")
                 continue
-            self.check_keys(override, OVERRIDE_KEYS, f"{what} environment {env_name!r}")
+            self.check_keys(override, OVERRIDE_KEYS, f"{what} environment {shown(env_name)}")
             overrides[env_name] = RouteOverride(
                 target_base_url=self._target(override, f"{what} ({env_name})"),
                 allowed_methods=self._methods(override, f"{what} ({env_name})"),
@@ -527,7 +529,7 @@ class _Builder:
         )
 
     def _api_key(self, entry: LocatedDict, name: str) -> ApiKey | None:
-        what = f"API key {name!r}"
+        what = f"API key {shown(name)}"
         self.check_keys(entry, API_KEY_KEYS, what)
         digest = self.field(entry, "key_sha256", str, what=what)
         key_type = self.field(entry, "type", str, "live", what)
@@ -560,7 +562,7 @@ class _Builder:
         result: list[Assignment] = []
         for route_name, (per_env, where) in self.assignments.items():
             if route_name not in routes:
-                self.error(where, f"assignments: unknown route {route_name!r}{_suggest(route_name, routes)}")
+                self.error(where, f"assignments: unknown route {shown(route_name)}{_suggest(route_name, routes)}")
                 continue
             if per_env is None:
                 continue
@@ -571,7 +573,8 @@ class _Builder:
                 if env_name not in environments:
                     self.error(
                         env_where,
-                        f"assignments.{route_name}: unknown environment {env_name!r}{_suggest(env_name, environments)}",
+                        f"assignments.{route_name}: unknown environment {shown(env_name)}"
+                        f"{_suggest(env_name, environments)}",
                     )
                     continue
                 names_list = [] if names is None else _one_or_list(names, env_where)
@@ -581,16 +584,18 @@ class _Builder:
                 chosen: list[str] = []
                 for client_name, client_where in names_list:
                     if not isinstance(client_name, str):
-                        self.error(client_where, f"assignments.{route_name}.{env_name}: {client_name!r} is not a name")
+                        self.error(
+                            client_where, f"assignments.{route_name}.{env_name}: {shown(client_name)} is not a name"
+                        )
                     elif client_name not in clients:
                         self.error(
                             client_where,
-                            f"assignments.{route_name}.{env_name}: unknown client {client_name!r}"
+                            f"assignments.{route_name}.{env_name}: unknown client {shown(client_name)}"
                             f"{_suggest(client_name, clients)}",
                         )
                     elif client_name in chosen:
                         self.error(
-                            client_where, f"assignments.{route_name}.{env_name}: {client_name!r} is listed twice"
+                            client_where, f"assignments.{route_name}.{env_name}: {shown(client_name)} is listed twice"
                         )
                     else:
                         chosen.append(client_name)
