@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Literal
 
-from knoxcall_addon.model import Client, Config, IPNetwork, Location
+from knoxcall_addon.model import Client, Config, IPNetwork, Location, pack_network
 
 Severity = Literal["error", "warning"]
 
@@ -85,15 +85,19 @@ def error_findings(config: Config) -> list[Finding]:
     """The findings of `lint` whose severity is "error", and only those, sorted.
 
     Only the rules that can give an error run (the others only warn), and none of them
-    builds an address object per range: a 100k-range config takes milliseconds, so the
-    proxy runs this at every load, in the reload thread.
+    builds an address object per range: a 100k-range config takes a few milliseconds,
+    so the proxy runs this at every load, in the reload thread.
     """
     findings = _open_range_rules(config) + _route_rules(config) + _trusted_proxy_rules(config)
     return sorted(f for f in findings if f.severity == "error")
 
 
-_WHOLE_FAMILY = {4: 1 << 32, 6: 1 << 128}
-_EVERY_ADDRESS = {4: ipaddress.ip_network("0.0.0.0/0"), 6: ipaddress.ip_network("::/0")}
+# The packed record of a /0 starts with a byte that no other prefix length has: a
+# client whose records' first bytes include neither is skipped without making an address
+# object per range (100k ranges: 70 ms that way, a few ms this way).
+_OPEN_RECORDS = [pack_network(ipaddress.ip_network(n)) for n in ("0.0.0.0/0", "::/0")]
+_RECORD_SIZE = len(_OPEN_RECORDS[0])
+_OPEN_HEADS = [record[0] for record in _OPEN_RECORDS]
 
 
 def _open_range_rules(config: Config) -> list[Finding]:
@@ -102,13 +106,16 @@ def _open_range_rules(config: Config) -> list[Finding]:
     in_default: set[str] = {name for a in config.assignments if a.environment == default_env for name in a.clients}
     findings: list[Finding] = []
     for client in config.clients.values():
-        for version, start, end in client.networks.intervals():
-            if end - start != _WHOLE_FAMILY[version]:
+        heads = client.networks.packed[::_RECORD_SIZE]
+        if not any(head in heads for head in _OPEN_HEADS):
+            continue
+        for network in client.networks:
+            if network.prefixlen != 0:
                 continue
             assigned_default = client.name in in_default and client.enabled
             severity: Severity = "error" if assigned_default else "warning"
             scope = f", and it is assigned in the default environment {default_env}" if assigned_default else ""
-            message = f'client "{client.name}" allows {_EVERY_ADDRESS[version]}: every address{scope}'
+            message = f'client "{client.name}" allows {network}: every address{scope}'
             findings.append(Finding(client.location, severity, "open-range", message))
     return findings
 
