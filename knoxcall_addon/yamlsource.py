@@ -174,7 +174,7 @@ class _Locating:
                     [
                         Problem(
                             self._location(key_node),
-                            f"duplicate key {key!r} (first at line {first.line})",
+                            f"duplicate key {shown(key)} (first at line {first.line})",
                         )
                     ]
                 )
@@ -379,9 +379,9 @@ def parse_yaml(text: str, source_name: str) -> Any:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else 1
         what = e.problem or e.context or "invalid YAML"
-        raise ConfigError([Problem(Location(source_name, line), f"invalid YAML: {what}")]) from None
+        raise ConfigError([Problem(Location(source_name, line), f"invalid YAML: {elide(what, 1000)}")]) from None
     except yaml.YAMLError as e:
-        raise ConfigError([Problem(Location(source_name, 1), f"invalid YAML: {e}")]) from None
+        raise ConfigError([Problem(Location(source_name, 1), f"invalid YAML: {elide(str(e), 1000)}")]) from None
     except RecursionError:
         # PyYAML parses nesting recursively: a pathologically deep file must be a config
         # error with a file name (a reload must not die on it), not a crash.
