@@ -625,7 +625,7 @@ class HotReload:
         findings of the config in force (``version``)."""
         lines: list[str] = []
         watcher = self.watcher
-        if watcher is not None:
+        if watcher is not None and self.watching:
             for path, seconds in watcher.open_for_writing():
                 lines.append(
                     f"hot reload waiting: {path} is still open for writing ({seconds:.0f} s); "
@@ -785,7 +785,8 @@ class HotReload:
         """
         if self.folder is None:
             return "no config folder loaded"
-        writing = self.watcher.open_for_writing() if self.watcher is not None else []
+        # (only a live watcher knows: a dead one may never see the close)
+        writing = self.watcher.open_for_writing() if self.watcher is not None and self.watching else []
         if writing:
             files = ", ".join(f"{path} ({seconds:.0f} s)" for path, seconds in writing)
             serving = self._current()
