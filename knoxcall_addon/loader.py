@@ -7,6 +7,7 @@ names file, line and what is wrong; nothing is guessed or silently dropped.
 from __future__ import annotations
 
 import difflib
+import errno
 import ipaddress
 import os
 import posixpath
@@ -36,7 +37,7 @@ from knoxcall_addon.model import (
     pack_network,
     shown,
 )
-from knoxcall_addon.yamlsource import YAML_SUFFIXES, LocatedDict, LocatedList, read_folder
+from knoxcall_addon.yamlsource import YAML_SUFFIXES, LocatedDict, LocatedList, elide, read_folder
 
 ENVIRONMENT_NAME = re.compile(r"^[a-z0-9_-]+$")
 OBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -64,6 +65,7 @@ OVERRIDE_KEYS = ("target_base_url", "allowed_methods")
 API_KEY_KEYS = ("name", "key_sha256", "type", "enabled", "description")
 
 _MISSING = object()
+MESSAGE_CHARS = 1000  # a problem's message is cut after this many characters
 
 
 def load_config(folder: str | Path) -> Config:
@@ -98,6 +100,11 @@ def check_folder(folder: str | Path) -> Path:
         hint = f"; name the folder that holds it, {os.path.dirname(where.file)}" if path.suffix in YAML_SUFFIXES else ""
         raise ConfigError([Problem(where, f"the config folder is a file, not a folder{hint}")])
     if path.is_symlink():
+        try:
+            os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:  # e.g. `current -> current` for a moment during a release swap
+                raise ConfigError([Problem(where, "the config folder is a symlink loop")]) from None
         raise ConfigError([Problem(where, "the config folder is a broken symlink (its target does not exist)")])
     raise ConfigError([Problem(where, "config folder does not exist")])
 
@@ -210,7 +217,8 @@ class _Builder:
     # -- helpers ---------------------------------------------------------------------
 
     def error(self, where: Location, message: str) -> None:
-        self.problems.append(Problem(where, message))
+        # Values are quoted with `shown`; this bounds what else a message may carry (long names).
+        self.problems.append(Problem(where, elide(message, MESSAGE_CHARS)))
 
     def check_keys(self, mapping: LocatedDict, allowed: tuple[str, ...], what: str) -> None:
         for key in mapping:

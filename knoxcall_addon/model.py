@@ -73,6 +73,16 @@ def shown(value: object) -> str:
         return f"<a {type(value).__name__} too long to show>"
 
 
+SHOWN_CHARS = 200  # characters of a text (a message, an error) elided by ``elide``
+
+
+def elide(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…(+{len(text) - limit} chars)"
+
+
 def cut(text: object) -> str:
     """``str(text)`` for a message, elided in the middle past MESSAGE_VALUE_LIMIT characters."""
     text = str(text)

@@ -2,11 +2,15 @@
 
 - `FolderWatcher`: watchdog on the folder (plus the folders that its symlinked files
   point into, for Kubernetes ConfigMaps, and its parent, for the folder itself being
-  replaced), a debounce that also waits for config files still open for writing, and
-  one worker thread that runs a callback when the events have been quiet for a while.
+  replaced), a debounce that also waits, however long it takes, for config files still
+  open for writing, and one worker thread that runs a callback when the events have
+  been quiet for a while. The thread survives any error (it retries), restarts a
+  watchdog observer that died, and says so (event log, `failure`) when it cannot.
 - `HotReload`: turns a quiet period into at most one load of the folder (in the
   worker thread), and the result into one `install(policy)` call on the event loop.
-  It never replaces a good policy with anything but another good one.
+  It never replaces a good policy with anything but another good one. Everything that
+  is formatted (problems, the diff, the config's dangerous findings) is formatted in
+  the worker thread; the loop only installs and logs ready-made lines.
 - `timed_load`: load + compile a folder and say how long it took (for scripts/bench).
 
 No mitmproxy import: the addon passes in the event loop and its install function.
@@ -43,18 +47,23 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from knoxcall_addon.configdiff import ConfigDiff, diff_configs
+from knoxcall_addon.lint import error_findings
 from knoxcall_addon.model import ConfigError, Location, Problem
 from knoxcall_addon.policy import Policy, load_policy
-from knoxcall_addon.yamlsource import YAML_SUFFIXES, folder_version
+from knoxcall_addon.yamlsource import YAML_SUFFIXES, config_files, elide, folder_version
 
 logger = logging.getLogger("knoxcall")
 
 DEBOUNCE_SECONDS = 0.25  # quiet time after the last event before a reload
 SETTLE_SECONDS = 0.05  # ... when that event completed a config file (closed after writing, renamed into place)
 MAX_DELAY_SECONDS = 2.0  # a reload happens at most this long after a burst started
-OPEN_WAIT_SECONDS = 2.0  # a file still open for writing: wait this long for more events
-MAX_OPEN_DELAY_SECONDS = 10.0  # ... but read it at the latest this long after the burst started
+OPEN_WAIT_SECONDS = 2.0  # a file still open for writing this long gets a warning (it is never read before its close)
+OPEN_WARN_SECONDS = 60.0  # ... and another one this often while it stays open
+HEALTH_SECONDS = 2.0  # how often an idle watcher checks that its observer runs and its watches are current
+MAX_RETRY_SECONDS = 30.0  # after an error the watcher tries again, waiting at most this long
 MAX_PROBLEMS_LOGGED = 10
+MAX_FINDINGS_LOGGED = 20  # dangerous findings logged (and listed in status) per config
+LINE_CHARS = 500  # one problem or finding in a log line or status, at most
 COMMAND_WAIT_SECONDS = 2.0  # knoxcall.reload blocks the event loop at most this long
 
 # Events that may mean new content. Opening and reading (ours included) are not among
@@ -120,11 +129,11 @@ def watch_dirs(folder: Path) -> set[Path]:
     a folder that is itself a symlink (``/srv/knoxcall/current -> release-2``) is
     watched where its files are, and re-pointed when the link is swapped.
     """
-    dirs = {folder.resolve()}
     try:
+        dirs = {folder.resolve(strict=True)}
         entries = list(folder.iterdir())
-    except OSError:
-        return dirs
+    except (OSError, RuntimeError):  # gone, not a folder, or a symlink loop (RuntimeError before 3.13)
+        return set()
     for path in entries:
         if path.suffix in YAML_SUFFIXES and not path.name.startswith(".") and path.is_symlink():
             try:
@@ -151,7 +160,10 @@ class _Handler(FileSystemEventHandler):
                 names.add(os.path.basename(os.fsdecode(event.dest_path)))
             if self._only_name not in names:
                 return
-        self._note(event)
+        try:
+            self._note(event)
+        except Exception:  # an exception here would end watchdog's observer thread
+            logger.warning("knoxcall: error while noting a file event", exc_info=True)
 
 
 class FolderWatcher:
@@ -165,10 +177,18 @@ class FolderWatcher:
     place, as editors save), the quiet time is only ``settle``: the write is over, and
     a tool writing several files still has its next event well within it.
 
-    A file that was written to and not yet closed is being written: the call then
-    waits for its close (at most ``open_wait`` of silence, ``max_open_delay`` in all),
-    so that a slow writer's half-written file is not read, let alone put in force
-    when its first half happens to be valid YAML.
+    A config file that was written to and not yet closed is being written: no call is
+    made until it is closed (or deleted, or renamed over), however long that takes, so
+    that a slow writer's first half is never read, let alone put in force when it
+    happens to be valid YAML. After ``open_wait`` seconds, and every ``warn_every``
+    seconds after that, a warning says which file holds reloads back. This needs close
+    events, which only inotify (Linux) delivers; elsewhere files are read after the
+    debounce, and a writer should write a temp file and rename it into place.
+
+    The thread survives any error (logged, then retried with a growing delay), checks
+    every ``health`` seconds that watchdog's observer still runs (and starts a new one
+    if not) and that the watches follow the folder. When it cannot go on, ``failure``
+    says why, an ERROR says that edits are no longer seen, and `is_alive` is False.
     """
 
     def __init__(
@@ -178,8 +198,9 @@ class FolderWatcher:
         debounce: float = DEBOUNCE_SECONDS,
         max_delay: float = MAX_DELAY_SECONDS,
         open_wait: float = OPEN_WAIT_SECONDS,
-        max_open_delay: float = MAX_OPEN_DELAY_SECONDS,
+        warn_every: float = OPEN_WARN_SECONDS,
         settle: float = SETTLE_SECONDS,
+        health: float = HEALTH_SECONDS,
     ) -> None:
         self.folder = Path(os.path.abspath(folder))
         self._on_quiet = on_quiet
@@ -187,16 +208,20 @@ class FolderWatcher:
         self._settle = min(settle, debounce)
         self._max_delay = max_delay
         self._open_wait = open_wait
-        self._max_open_delay = max_open_delay
+        self._warn_every = warn_every
+        self._health = health
         self._cond = threading.Condition()
         self._first_event: float | None = None
         self._last_event = 0.0
-        self._writing: set[str] = set()  # files modified and not yet closed
+        self._not_before = 0.0  # after an error: no call before this time
+        # files modified and not yet closed: path -> (first modification, next warning)
+        self._writing: dict[str, tuple[float, float]] = {}
+        self.modifications = 0  # config file modifications seen so far (HotReload compares it)
         self._completed = False  # the last event that counts completed a config file
         self._stopping = False
-        self._observer = Observer()
-        self._observer.name = "knoxcall-watchdog"
-        self._observer.daemon = True
+        self._observer = self._new_observer()
+        # Only inotify reports closes: elsewhere "still open" could never end.
+        self.tracks_open_files = "inotify" in type(self._observer).__module__
         self._handler = _Handler(self.note)
         self._parent_handler = _Handler(self.note, only_name=self.folder.name)
         # dir -> (watch, (dev, inode) when scheduled, handler)
@@ -204,6 +229,16 @@ class FolderWatcher:
         self._warned: set[Path] = set()
         self._thread = threading.Thread(target=self._run, name="knoxcall-reload", daemon=True)
         self.calls = 0  # how many times on_quiet ran (tests read it)
+        self.failure: str | None = None  # why edits are no longer seen, while they are not
+        self.failed_at: float | None = None
+        self._retry_error = ""  # the last error retried (logged once, not at every retry)
+
+    @staticmethod
+    def _new_observer() -> Observer:
+        observer = Observer()
+        observer.name = "knoxcall-watchdog"
+        observer.daemon = True
+        return observer
 
     def start(self) -> None:
         """Start the observer, then add the watches: one that fails (e.g. the inotify
@@ -218,19 +253,30 @@ class FolderWatcher:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._observer.is_alive():
-            self._observer.stop()
-            self._observer.join(timeout)
+            observer = self._observer
+        if observer.is_alive():
+            observer.stop()
+            observer.join(timeout)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        if self._observer is not observer and self._observer.is_alive():  # replaced meanwhile
+            self._observer.stop()
+            self._observer.join(timeout)
 
     def is_alive(self) -> bool:
-        return self._observer.is_alive() or self._thread.is_alive()
+        """Are edits seen: both threads running and no failure?"""
+        return self._observer.is_alive() and self._thread.is_alive() and self.failure is None
 
     @property
     def watched(self) -> list[Path]:
         """The folders whose files are read (not the parent watched for the folder's replacement)."""
         return sorted(path for path, (_, _, handler) in self._watches.items() if handler is self._handler)
+
+    def open_for_writing(self) -> list[tuple[str, float]]:
+        """Config files written to and not yet closed, with how long (seconds) since the first write."""
+        now = time.monotonic()
+        with self._cond:
+            return sorted((path, now - since) for path, (since, _) in self._writing.items())
 
     def note(self, event: FileSystemEvent) -> None:
         """An event from watchdog's thread: track files being written, then poke."""
@@ -238,11 +284,14 @@ class FolderWatcher:
         with self._cond:
             if isinstance(event, FileModifiedEvent) and _is_config_name(src):
                 # Only config files: an editor keeps its swap file open while you type.
-                self._writing.add(src)
+                self.modifications += 1
+                if self.tracks_open_files and src not in self._writing:
+                    since = time.monotonic()
+                    self._writing[src] = (since, since + self._open_wait)
             elif isinstance(event, (FileClosedEvent, FileDeletedEvent, FileMovedEvent)):
-                self._writing.discard(src)
+                self._writing.pop(src, None)
                 if isinstance(event, FileMovedEvent):  # renamed over: a new, complete file
-                    self._writing.discard(os.fsdecode(event.dest_path))
+                    self._writing.pop(os.fsdecode(event.dest_path), None)
             if isinstance(event, FileClosedEvent):
                 self._completed = self._completed or _is_config_name(src)
             elif isinstance(event, FileMovedEvent) and _is_config_name(os.fsdecode(event.dest_path)):
@@ -262,41 +311,144 @@ class FolderWatcher:
             self._last_event = now
             self._cond.notify_all()
 
-    def _due(self) -> float:
+    def _due(self) -> float | None:
+        """When the pending burst's call is due; None while a config file is being written."""
         assert self._first_event is not None
         if self._writing:
-            return min(self._last_event + self._open_wait, self._first_event + self._max_open_delay)
+            return None
         quiet = self._settle if self._completed else self._debounce
-        return min(self._last_event + quiet, self._first_event + self._max_delay)
+        return max(min(self._last_event + quiet, self._first_event + self._max_delay), self._not_before)
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # reported below; the thread ends either way
+            if not self._stopping:
+                self._fail(f"the watcher thread ended: {type(e).__name__}: {elide(str(e))}", e)
+
+    def _serve(self) -> None:
+        failures = 0
         while True:
             with self._cond:
-                while not self._stopping and self._first_event is None:
-                    self._cond.wait()
-                while not self._stopping and self._first_event is not None:
-                    remaining = self._due() - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._cond.wait(remaining)
+                due = self._wait(self._health)
                 if self._stopping:
                     return
-                if self._writing:
-                    logger.warning(
-                        f"knoxcall: {', '.join(sorted(self._writing))} still open for writing; reading it anyway"
-                    )
-                self._first_event = None
-                self._writing.clear()
-                self._completed = False
+                if due:
+                    self._first_event = None
+                    self._completed = False
+            if not due:
+                self._check_health()
+                continue
             self.calls += 1
             try:
                 self._on_quiet()
             except Exception:
                 logger.exception("knoxcall: error in the config watcher; the config in force is unchanged")
+            try:
+                if self._update_watches():
+                    # A new watch (a swapped or re-created folder) cannot have seen what was
+                    # written between the load and now: look once more.
+                    self.poke()
+            except Exception as e:
+                failures += 1
+                self._retry(e, min(MAX_RETRY_SECONDS, 0.5 * 2**failures))
+                continue
+            failures = 0
+            self._retry_error = ""
+
+    def _wait(self, timeout: float) -> bool:
+        """With the lock held: wait until the pending call is due (True), or ``timeout`` (False).
+
+        While a config file is being written, nothing is due: warn now and then, and
+        forget files that are no longer part of the config (the folder was re-pointed).
+        """
+        deadline = time.monotonic() + timeout
+        while not self._stopping:
+            now = time.monotonic()
+            wake = deadline
+            if self._first_event is not None:
+                if self._writing:
+                    self._forget_unread_files()
+                    self._warn_open_files(now)
+                due = self._due()
+                if due is not None and due <= now:
+                    return True
+                wake = min(wake, due if due is not None else deadline, *(w for _, w in self._writing.values()))
+            if now >= deadline:
+                return False
+            self._cond.wait(max(0.0, wake - now))
+        return False
+
+    def _warn_open_files(self, now: float) -> None:
+        for path, (since, warn_at) in sorted(self._writing.items()):
+            if now >= warn_at:
+                self._writing[path] = (since, now + self._warn_every)
+                logger.warning(
+                    f"knoxcall: {path} is still open for writing ({now - since:.0f} s); no config is read from "
+                    f"{self.folder} until it is closed, and the config in force stays"
+                )
+
+    def _forget_unread_files(self) -> None:
+        """Drop files being written that the config no longer reads (e.g. in the release
+        that ``current`` pointed to before a swap): their close may never be seen."""
+        try:
+            read = {os.path.realpath(path) for path in config_files(self.folder)}
+        except (ConfigError, OSError):
+            return  # the folder is unreadable right now: keep waiting, the next event says more
+        for path in [p for p in self._writing if os.path.realpath(p) not in read]:
+            del self._writing[path]
+
+    def _check_health(self) -> None:
+        """Idle: is the observer running, and do the watches follow the folder? Repair if not."""
+        if not self._observer.is_alive():
+            try:
+                with self._cond:
+                    if self._stopping:
+                        return
+                    old, self._observer = self._observer, self._new_observer()
+                self._watches.clear()
+                with contextlib.suppress(Exception):
+                    old.stop()
+                self._observer.start()
+                logger.warning("knoxcall: the file watcher (watchdog) had stopped; started a new one")
+            except Exception as e:
+                if self.failure is None:
+                    self._fail(f"cannot restart the file watcher: {type(e).__name__}: {elide(str(e))}", e)
+                return
+            self.poke()  # what changed meanwhile was not seen: read the folder again
+        try:
             if self._update_watches():
-                # A new watch (a swapped or re-created folder) cannot have seen what was
-                # written between the load and now: look once more.
                 self.poke()
+        except Exception as e:
+            self._log_once(e)
+        if self.failure is not None and self._observer.is_alive():
+            logger.info(f"knoxcall: watching {self.folder} again; edits are seen again")
+            self.failure = None
+            self.failed_at = None
+            self.poke()
+
+    def _log_once(self, error: Exception, then: str = "trying again") -> None:
+        """A warning for an error, but not again for the same error at every retry."""
+        text = f"{type(error).__name__}: {elide(str(error))}"
+        if text != self._retry_error:
+            self._retry_error = text
+            logger.warning(f"knoxcall: config watcher error ({text}); {then}", exc_info=error)
+
+    def _retry(self, error: Exception, delay: float) -> None:
+        """An error after a call (e.g. re-pointing the watches): call again after ``delay``."""
+        self._log_once(error, f"trying again in {delay:.1f} s")
+        with self._cond:
+            self._not_before = time.monotonic() + delay
+        self.poke()
+
+    def _fail(self, why: str, error: BaseException | None = None) -> None:
+        self.failure = why
+        self.failed_at = time.time()
+        logger.error(
+            f"knoxcall: {why}; edits to {self.folder} are no longer seen: use knoxcall.reload after edits, "
+            "or restart the proxy",
+            exc_info=error,
+        )
 
     def _update_watches(self) -> bool:
         """Watch the folder, the folders its symlinks point into (they change on a swap),
@@ -353,6 +505,8 @@ class LoadResult:
     """One load attempt, and the latest good policy read from the folder after it.
 
     ``version`` is the content that was read; ``seconds`` the load + compile time.
+    The texts (``message``, ``summary``, ``findings``) are made in the loading thread,
+    so that the event loop only logs them.
     """
 
     status: Status
@@ -365,6 +519,18 @@ class LoadResult:
     seconds: float = 0.0
     base: Policy | None = None  # what ``diff`` was computed against (off the loop)
     diff: ConfigDiff | None = None
+    message: str = ""  # the error's problems, on one bounded line
+    summary: str = ""  # diff.summary()
+    findings: tuple[str, ...] = ()  # the new policy's dangerous findings (see `dangerous_findings`)
+
+
+def dangerous_findings(policy: Policy) -> tuple[str, ...]:
+    """What `knoxcall check` calls an error in this (valid) config, one bounded line each.
+
+    The proxy serves such a config (it is valid), but says so at every load and in
+    ``knoxcall.status``. Cheap (no per-range objects): fine for every reload.
+    """
+    return tuple(elide(str(f), LINE_CHARS) for f in error_findings(policy.config))
 
 
 class HotReload:
@@ -397,17 +563,24 @@ class HotReload:
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.reloads = 0  # successful reloads since start
+        # (version, lines): the dangerous findings of the policy in force (by version, so
+        # that no reference keeps a replaced policy alive)
+        self.findings: tuple[str, tuple[str, ...]] = ("", ())
         self._command_threads: list[threading.Thread] = []
 
     # -- lifecycle (event loop) --------------------------------------------------------
 
     def set_folder(self, folder: str | Path, policy: Policy) -> None:
-        """The folder whose ``policy`` was just installed (at start or by the option)."""
+        """The folder whose ``policy`` was just installed (at start or by the option).
+
+        Its dangerous findings are computed and logged here: on the loop, but only when
+        the folder option is set (at start, before serving, or by the operator)."""
         with self._lock:
             self.generation += 1
             self.folder = Path(folder)
             self._latest = policy
             self._clear_error()
+        self._note_findings(policy.version, dangerous_findings(policy))
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """(Re)start watching ``folder``; checks once at once for edits made since the load."""
@@ -435,7 +608,51 @@ class HotReload:
 
     @property
     def watching(self) -> bool:
+        """Are edits seen (the watcher runs, and has not given up)?"""
         return self.watcher is not None and self.watcher.is_alive()
+
+    def failure_text(self) -> str | None:
+        """Why a started watcher no longer sees edits, for ``knoxcall.status``; None if it does."""
+        watcher = self.watcher
+        if watcher is None or watcher.is_alive():
+            return None
+        when = f" since {_utc(watcher.failed_at)}" if watcher.failed_at else ""
+        why = watcher.failure or "the watcher thread is not running"
+        return f"off{when}: {why}; edits are no longer seen (see the event log); use knoxcall.reload after edits"
+
+    def status_notes(self, version: str) -> list[str]:
+        """More ``knoxcall.status`` lines: files that hold reloads back, and the dangerous
+        findings of the config in force (``version``)."""
+        lines: list[str] = []
+        watcher = self.watcher
+        if watcher is not None and self.watching:
+            for path, seconds in watcher.open_for_writing():
+                lines.append(
+                    f"hot reload waiting: {path} is still open for writing ({seconds:.0f} s); "
+                    "nothing is reloaded until it is closed"
+                )
+        found_for, found = self.findings
+        if found_for != version:
+            return lines  # e.g. a policy installed by other means: nothing known
+        if not found:
+            lines.append("dangerous settings (knoxcall check errors): none")
+            return lines
+        lines.append(f"dangerous settings (knoxcall check errors): {len(found)}, served as written")
+        lines.extend(f"  {line}" for line in found[:MAX_FINDINGS_LOGGED])
+        if len(found) > MAX_FINDINGS_LOGGED:
+            lines.append(f"  (and {len(found) - MAX_FINDINGS_LOGGED} more: run knoxcall check)")
+        return lines
+
+    def _note_findings(self, version: str, findings: tuple[str, ...]) -> None:
+        """Log the dangerous findings of the policy just put in force, and keep them for status."""
+        self.findings = (version, findings)
+        for line in findings[:MAX_FINDINGS_LOGGED]:
+            logger.warning(f"knoxcall: config {version}: {line} (knoxcall check calls it an error; served as written)")
+        if len(findings) > MAX_FINDINGS_LOGGED:
+            logger.warning(
+                f"knoxcall: config {version}: and {len(findings) - MAX_FINDINGS_LOGGED} more findings that "
+                "knoxcall check calls errors; run knoxcall check"
+            )
 
     # -- loading (any thread) ----------------------------------------------------------
 
@@ -451,11 +668,13 @@ class HotReload:
                 version = folder_version(folder)
             except (ConfigError, OSError) as e:  # the folder itself is gone or unreadable
                 e = _as_config_error(folder, e)
-                version = "unreadable"
+                version = "unreadable:" + format_problems(e)  # another mishap is another error
                 if version == self.failed_version:
                     return LoadResult("same_error", ticket, generation, version, latest)
                 self._set_error(version, e)
-                return LoadResult("invalid", ticket, generation, version, latest, error=e)
+                return LoadResult(
+                    "invalid", ticket, generation, version, latest, error=e, message=self.last_error or ""
+                )
             if latest is not None and version == latest.version:
                 cleared = self._clear_error()
                 return LoadResult("unchanged", ticket, generation, version, latest, cleared_error=cleared)
@@ -466,21 +685,32 @@ class HotReload:
             except Exception as e:  # ConfigError, or anything unexpected: never a half policy
                 e = _as_config_error(folder, e)
                 self._set_error(version, e)
-                return LoadResult("invalid", ticket, generation, version, latest, error=e)
+                return LoadResult(
+                    "invalid", ticket, generation, version, latest, error=e, message=self.last_error or ""
+                )
             self._latest = policy
             cleared = self._clear_error()
             seconds = time.perf_counter() - start
             # Diffing 100k clients takes a good fraction of a second: here, not on the loop.
             diff = diff_configs(latest.config if latest else None, policy.config)
             return LoadResult(
-                "loaded", ticket, generation, policy.version, policy, None, cleared, seconds, base=latest, diff=diff
-            )
+                "loaded", ticket, generation, policy.version, policy, None, cleared, seconds, base=latest, diff=diff,
+                summary=diff.summary(), findings=dangerous_findings(policy),
+            )  # fmt: skip
 
     def _on_quiet(self, generation: int) -> None:
         """Watcher thread: load off the loop, then hand the result to the loop."""
         if generation != self.generation or self.loop is None:
             return
+        watcher = self.watcher
+        modifications = watcher.modifications if watcher is not None else 0
         result = self.attempt()
+        if result.status == "loaded" and watcher is not None and watcher.modifications != modifications:
+            # A config file was written to while it was read: what was read may be its first
+            # half. Not put in force; the watcher calls again once the file is closed.
+            self._forget(result)
+            logger.info("knoxcall: a config file was written to while the folder was read; reading it again")
+            return
         if result.status in ("same_error", "unchanged") and not result.cleared_error:
             return  # nothing new: an earlier result (if any is queued) brings the latest policy
         applied = threading.Event()
@@ -499,10 +729,19 @@ class HotReload:
                 del result
                 release_free_memory()
 
+    def _forget(self, result: LoadResult) -> None:
+        """Undo a load that will not be applied: the next attempt compares with what it had."""
+        with self._lock:
+            if self._latest is result.policy:
+                self._latest = result.base
+
     # -- applying (event loop) ---------------------------------------------------------
 
     def apply(self, result: LoadResult) -> str:
-        """Act on a load result on the event loop; return what happened, in words."""
+        """Act on a load result on the event loop; return what happened, in words.
+
+        Everything it logs was formatted off the loop (in `attempt`), except in the rare
+        case of a result diffed against another policy than the one in force."""
         if result.generation != self.generation:
             return "the config folder was changed meanwhile; result ignored"
         current = self._current()
@@ -512,16 +751,18 @@ class HotReload:
             self._applied_ticket = result.ticket
             new = result.policy
             if new is not None and new is not current:
-                diff = result.diff
-                if diff is None or result.base is not current:  # rare: diffed against another policy
-                    diff = diff_configs(current.config if current else None, new.config)
+                summary = result.summary
+                if result.diff is None or result.base is not current or not summary:  # rare: diffed against another
+                    summary = diff_configs(current.config if current else None, new.config).summary()
                 timing = f" in {result.seconds * 1000:.0f} ms" if result.status == "loaded" else ""
-                self._install(new, f"reloaded{timing}, was {serving}: {diff.summary()}")
+                self._install(new, f"reloaded{timing}, was {serving}: {summary}")
                 self.reloads += 1
-                installed = f"config {new.version} loaded (was {serving}): {diff.summary()}"
+                findings = result.findings if result.policy is new and result.status == "loaded" else None
+                self._note_findings(new.version, findings if findings is not None else dangerous_findings(new))
+                installed = f"config {new.version} loaded (was {serving}): {summary}"
                 serving = new.version
         if result.status == "invalid":
-            problems = format_problems(result.error) if result.error else "?"
+            problems = result.message or (format_problems(result.error) if result.error else "?")
             logger.error(f"knoxcall: config in {self.folder} is invalid, still serving {serving}: {problems}")
             return f"config invalid, still serving {serving}: {problems}"
         if result.status == "same_error":
@@ -539,10 +780,20 @@ class HotReload:
 
         mitmproxy commands are synchronous, so the load runs in a thread and the loop
         waits for it at most ``wait`` seconds; a larger config finishes in the
-        background, and its result is applied and logged like a watcher's.
+        background, and its result is applied and logged like a watcher's. While the
+        watcher sees a config file still open for writing, nothing is read.
         """
         if self.folder is None:
             return "no config folder loaded"
+        # (only a live watcher knows: a dead one may never see the close)
+        writing = self.watcher.open_for_writing() if self.watcher is not None and self.watching else []
+        if writing:
+            files = ", ".join(f"{path} ({seconds:.0f} s)" for path, seconds in writing)
+            serving = self._current()
+            return (
+                f"not reloaded: {files} still open for writing; still serving {serving.version if serving else 'none'}"
+                " (the watcher reloads once it is closed; if nothing writes it any more, touch it)"
+            )
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # called outside an event loop (a script, a test): just load
@@ -591,11 +842,15 @@ class HotReload:
         return had
 
 
+def _utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
 def _as_config_error(folder: Path, error: Exception) -> ConfigError:
     if isinstance(error, ConfigError):
         return error
     logger.warning(f"knoxcall: unexpected error while loading {folder}", exc_info=error)
-    return ConfigError([Problem(Location(str(folder), 0), f"cannot load: {type(error).__name__}: {error}")])
+    return ConfigError([Problem(Location(str(folder), 0), f"cannot load: {type(error).__name__}: {elide(str(error))}")])
 
 
 def format_problems(error: ConfigError) -> str:
@@ -605,7 +860,7 @@ def format_problems(error: ConfigError) -> str:
     files: the audit trail's line), then one indented line each: joined on one line they
     made a line too long to read, with each problem's file:line lost in the middle of it.
     """
-    problems = [str(p) for p in error.problems] or [str(error)]
+    problems = [elide(str(p), LINE_CHARS) for p in error.problems] or [elide(str(error))]
     if len(problems) == 1:
         return problems[0]
     files = list(dict.fromkeys(p.location.file for p in error.problems))

@@ -30,7 +30,9 @@ def status_lines(current: LoadedPolicy | None, reload: HotReload, enabled: bool 
     elif reload.watching:
         watching = "on, but the folder cannot be watched (see the event log); use knoxcall.reload after edits"
     elif enabled:
-        watching = "off: the watcher could not start (see the event log); use knoxcall.reload after edits"
+        watching = reload.failure_text() or (
+            "off: the watcher could not start (see the event log); use knoxcall.reload after edits"
+        )
     else:
         watching = "off (knoxcall_reload=false); use knoxcall.reload after edits"
     lines = [
@@ -46,5 +48,6 @@ def status_lines(current: LoadedPolicy | None, reload: HotReload, enabled: bool 
         lines.append(f"last reload error ({when}, still serving {policy.version}): {reload.last_error}")
     else:
         lines.append("last reload error: none")
+    lines.extend(reload.status_notes(policy.version))  # files being written, dangerous findings
     return lines
 

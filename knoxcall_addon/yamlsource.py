@@ -3,12 +3,22 @@
 Every mapping and list keeps the file and line of each of its entries, so that the
 validator can say ``clients.yaml:12: ...`` for any field.  Duplicate keys inside one
 mapping are an error here (PyYAML would silently keep the last one).
+
+Fail closed on the folder's entries too: every ``*.yaml``/``*.yml`` name in it is
+config, and one that is not a readable regular file (a dangling symlink, a symlink
+loop, a directory, a FIFO, a device) is an error, never silently left out; a FIFO or
+a device is never opened for reading, so nothing here can hang on one. Aliases may
+not expand a document much beyond what is written (a "billion laughs" file is a few
+hundred bytes), and values quoted in messages are cut short (`shown`).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import re
+import stat
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,9 +27,13 @@ from typing import Any
 
 import yaml
 
-from knoxcall_addon.model import ConfigError, Location, Problem, cut
+from knoxcall_addon.model import ConfigError, Location, Problem, cut, elide, shown
 
 YAML_SUFFIXES = (".yaml", ".yml")
+# Nodes that aliases may add to a document, beyond those written in it. Anchors are
+# handy for a shared list of ranges or clients; a million extra nodes is far more than
+# any hand-written config repeats, and far less than a few nested aliases can make.
+MAX_ALIAS_EXPANSION = 1_000_000
 
 
 class LocatedDict(dict):
@@ -96,6 +110,11 @@ class _Locating:
     def _location(self, node: yaml.Node) -> Location:
         return Location(self.source_name, node.start_mark.line + 1)
 
+    def construct_document(self, node: yaml.Node) -> Any:
+        """Refuse a document whose aliases expand too far, before building (or merging) anything."""
+        _check_alias_expansion(node, self.source_name)
+        return super().construct_document(node)  # type: ignore[misc]
+
     def construct_located_mapping(self, node: yaml.MappingNode) -> LocatedDict:
         self.flatten_mapping(node)
         result = _located_dict(self._location(node))
@@ -111,7 +130,7 @@ class _Locating:
                     [
                         Problem(
                             self._location(key_node),
-                            f"duplicate key {key!r} (first at line {first.line})",
+                            f"duplicate key {shown(key)} (first at line {first.line})",
                         )
                     ]
                 )
@@ -126,6 +145,70 @@ class _Locating:
         result.extend(self.construct_object(child, deep=True) for child in node.value)
         result._lines.extend(child.start_mark.line + 1 for child in node.value)
         return result
+
+
+def _check_alias_expansion(root: yaml.Node, source_name: str) -> None:
+    """Raise ConfigError when aliases make the document more than MAX_ALIAS_EXPANSION
+    nodes larger than it is written, or make it contain itself.
+
+    Counted on the composed node graph, where an alias is a second reference to the
+    anchored node: each reference after the first adds that node's expanded size. One
+    pass over the distinct nodes (iterative: no recursion limit), sizes capped so that
+    the numbers stay small whatever the nesting.
+    """
+    cap = MAX_ALIAS_EXPANSION + 1
+    sizes: dict[int, int] = {}  # id(node) -> expanded size (capped), once computed
+    referenced: set[int] = set()
+    on_path: set[int] = set()
+    added = 0
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if isinstance(node, yaml.ScalarNode):
+            sizes[key] = 1
+            continue
+        children = _children(node)
+        if not children_done:
+            if key in sizes:
+                continue
+            on_path.add(key)
+            stack.append((node, True))
+            for child in children:
+                if id(child) in on_path:
+                    where = Location(source_name, node.start_mark.line + 1)
+                    raise ConfigError(
+                        [Problem(where, "invalid YAML: an alias refers to a collection that contains it")]
+                    )
+                if id(child) not in sizes:
+                    stack.append((child, False))
+            continue
+        on_path.discard(key)
+        size = 1
+        for child in children:
+            child_size = sizes[id(child)]
+            size += child_size
+            if id(child) in referenced:  # an alias: the same node once more
+                added += child_size
+                if added > MAX_ALIAS_EXPANSION:
+                    raise ConfigError(
+                        [
+                            Problem(
+                                Location(source_name, node.start_mark.line + 1),
+                                f"invalid YAML: aliases expand the document by more than {MAX_ALIAS_EXPANSION:,} "
+                                "nodes (nested anchors and aliases, a 'billion laughs'); write the values out",
+                            )
+                        ]
+                    )
+            else:
+                referenced.add(id(child))
+        sizes[key] = min(size, cap)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return list(node.value)
 
 
 class _LocatingLoader(_Locating, yaml.SafeLoader):  # type: ignore[misc]
@@ -253,10 +336,10 @@ def parse_yaml(text: str, source_name: str) -> Any:
         line = mark.line + 1 if mark else 1
         what = e.problem or e.context or "invalid YAML"
         raise ConfigError(
-            [Problem(Location(source_name, line), f"invalid YAML: {what}{syntax_hint(e, text)}")]
+            [Problem(Location(source_name, line), f"invalid YAML: {elide(what, 1000)}{syntax_hint(e, text)}")]
         ) from None
     except yaml.YAMLError as e:
-        raise ConfigError([Problem(Location(source_name, 1), f"invalid YAML: {e}")]) from None
+        raise ConfigError([Problem(Location(source_name, 1), f"invalid YAML: {elide(str(e), 1000)}")]) from None
     except RecursionError:
         # PyYAML parses nesting recursively: a pathologically deep file must be a config
         # error with a file name (a reload must not die on it), not a crash.
@@ -313,16 +396,91 @@ def syntax_hint(error: yaml.MarkedYAMLError, text: str) -> str:
 
 
 def config_files(folder: Path) -> list[Path]:
-    """The YAML files read from a config folder: directly in it, sorted by name.
+    """Every entry read as config: named ``*.yaml``/``*.yml`` directly in the folder, sorted.
 
-    Hidden files (``.foo.yaml``, editor swap files, Kubernetes' ``..data``) are skipped;
-    symlinks are followed, which is how ConfigMap mounts present their files.
+    Hidden names (``.foo.yaml``, editor swap files, Kubernetes' ``..data``) are skipped;
+    symlinks are followed, which is how ConfigMap mounts present their files. Entries
+    are not filtered by type: one that is not a readable regular file is reported by
+    `read_config_file`, never left out (its routes would silently vanish).
     """
-    if not folder.is_dir():
-        raise ConfigError([Problem(Location(str(folder), 0), "config folder does not exist")])
-    return sorted(
-        p for p in folder.iterdir() if p.suffix in YAML_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    try:
+        st = os.stat(folder)
+    except OSError as e:
+        what = "is a symlink loop" if e.errno == errno.ELOOP else "does not exist"
+        if e.errno not in (errno.ELOOP, errno.ENOENT, errno.ENOTDIR):
+            what = f"cannot be read: {e.strerror}"
+        raise ConfigError([Problem(Location(str(folder), 0), f"config folder {what}")]) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError([Problem(Location(str(folder), 0), "config folder is not a folder")])
+    try:
+        names = os.listdir(folder)
+    except OSError as e:
+        raise ConfigError([Problem(Location(str(folder), 0), f"cannot list the config folder: {e.strerror}")]) from None
+    return sorted(folder / name for name in names if name.endswith(YAML_SUFFIXES) and not name.startswith("."))
+
+
+class UnreadableEntry(Exception):
+    """A config entry that is not a readable regular file; the message says what it is."""
+
+
+_KINDS = (
+    (stat.S_ISDIR, "is a directory"),
+    (stat.S_ISFIFO, "is a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "is a socket"),
+    (stat.S_ISCHR, "is a character device"),
+    (stat.S_ISBLK, "is a block device"),
+)
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def read_config_file(path: Path) -> bytes:
+    """The bytes of one config entry; UnreadableEntry for anything but a readable regular file.
+
+    Never blocks: the type is checked before opening (a FIFO or device is never opened),
+    and again on the open descriptor, opened non-blocking, in case the entry was
+    replaced in between.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UnreadableEntry(_stat_problem(path, e)) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UnreadableEntry(_not_a_file(path, st.st_mode))
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as e:
+        raise UnreadableEntry(f"cannot read file: {e.strerror}") from None
+    with open(fd, "rb", closefd=True) as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise UnreadableEntry(_not_a_file(path, mode))
+        try:
+            return f.read()
+        except OSError as e:
+            raise UnreadableEntry(f"cannot read file: {e.strerror}") from None
+
+
+def _link_note(path: Path) -> str:
+    try:
+        return f" (a symlink to {shown(os.readlink(path))})"
+    except OSError:
+        return ""
+
+
+def _not_a_file(path: Path, mode: int) -> str:
+    kind = next((what for test, what in _KINDS if test(mode)), "is not a regular file")
+    return (
+        f"{kind}{_link_note(path)}, not a regular file: every *.yaml/*.yml entry of the config folder "
+        "is config; remove or rename it"
     )
+
+
+def _stat_problem(path: Path, error: OSError) -> str:
+    if error.errno == errno.ELOOP:
+        return f"symlink loop{_link_note(path)}: it never reaches a file"
+    if error.errno == errno.ENOENT and os.path.islink(path):
+        return f"dangling symlink{_link_note(path)}: its target does not exist"
+    return f"cannot read file: {error.strerror}"
 
 
 # The last parse of each file read with ``reuse=True``, by content: a reload that
@@ -344,9 +502,9 @@ def read_folder(folder: Path, *, reuse: bool = False) -> tuple[list[SourceFile],
     digest = hashlib.sha256()
     for path in config_files(folder):
         try:
-            raw = path.read_bytes()
-        except OSError as e:
-            problems.append(Problem(Location(str(path), 0), f"cannot read file: {e.strerror}"))
+            raw = read_config_file(path)
+        except UnreadableEntry as e:
+            problems.append(Problem(Location(str(path), 0), str(e)))
             continue
         _hash_file(digest, path, raw)
         try:
@@ -389,9 +547,9 @@ def folder_version(folder: Path) -> str:
     digest = hashlib.sha256()
     for path in config_files(folder):
         try:
-            raw = path.read_bytes()
-        except OSError:
-            raw = b"\0unreadable\0"
+            raw = read_config_file(path)
+        except UnreadableEntry as e:  # what it is, so that another mishap is another version
+            raw = b"\0unreadable\0" + str(e).encode("utf-8", "surrogateescape")
         _hash_file(digest, path, raw)
     return digest.hexdigest()[:12]
 

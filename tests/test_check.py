@@ -31,7 +31,7 @@ def base(**overrides):
         "environments": [{"name": "production"}, {"name": "staging"}],
         "clients": [{"name": "app", "ip_address": "10.1.2.3", "description": "app server"}],
         "routes": [{"name": "api", "target_base_url": "http://127.0.0.1:9"}],
-        "assignments": {"api": {"production": ["app"]}},
+        "assignments": {"api": {"production": ["app"], "staging": ["app"]}},
     }
     data.update(overrides)
     return data
@@ -176,6 +176,22 @@ def test_missing_folder_is_an_error(tmp_path):
             ("open-shadows-host", "error"),
         ),
         (
+            "route with no client in an environment",
+            base(assignments={"api": {"production": ["app"]}}),
+            ("unassigned-route", "warning"),
+        ),
+        (
+            "route whose only client in an environment is disabled",
+            base(
+                clients=[
+                    {"name": "app", "ip_address": "10.1.2.3", "description": "x"},
+                    {"name": "old", "ip_address": "10.1.2.4", "description": "x", "enabled": False},
+                ],
+                assignments={"api": {"production": ["app"], "staging": ["old"]}},
+            ),
+            ("unassigned-route", "warning"),
+        ),
+        (
             "duplicate range in one client",
             base(clients=[{"name": "app", "ip_address": ["10.1.2.3", "10.1.2.3"], "description": "x"}]),
             ("duplicate-range", "warning"),
@@ -275,7 +291,8 @@ def test_no_overlap_between_adjacent_ranges(make_config):
         {"name": "b", "ip_address": "10.1.2.128/25, ::1", "description": "x"},
         {"name": "c", "ip_address": "::2", "description": "x"},
     ]
-    config = make_config(**{"k.yaml": base(clients=clients, assignments={"api": {"production": ["a", "b", "c"]}})})
+    assignments = {"api": {"production": ["a", "b", "c"], "staging": ["a"]}}
+    config = make_config(**{"k.yaml": base(clients=clients, assignments=assignments)})
     assert rules_of(config) == []
 
 

@@ -150,7 +150,7 @@ def test_a_file_still_open_for_writing_is_not_read_half_written(tmp_path):
     """A slow writer pausing mid-file: the reload waits for the close, then reads it whole."""
     folder = write_config(tmp_path / "cfg")
     seen, record = calls_recorder(folder)
-    watcher = FolderWatcher(folder, record, debounce=0.2, open_wait=30, max_open_delay=60)
+    watcher = FolderWatcher(folder, record, debounce=0.2, open_wait=30)
     watcher.start()
     try:
         text = CLIENTS.format(ip="192.0.2.9", assigned="lab")
@@ -171,7 +171,7 @@ def test_an_open_editor_swap_file_does_not_hold_reloads_back(tmp_path):
     """vim keeps .clients.yaml.swp open and written while you edit: not a config file being written."""
     folder = write_config(tmp_path / "cfg")
     seen, record = calls_recorder(folder)
-    watcher = FolderWatcher(folder, record, debounce=0.2, open_wait=60, max_open_delay=120)
+    watcher = FolderWatcher(folder, record, debounce=0.2, open_wait=60)
     watcher.start()
     try:
         with open(folder / ".clients.yaml.swp", "w") as swap:
