@@ -18,13 +18,14 @@ import pytest
 import yaml
 from mitmproxy.test import taddons
 
-from knoxcall_addon import reloader
+from knoxcall_addon import folderwatch, reloader
+from knoxcall_addon.folderwatch import FolderWatcher, watch_dirs
 from knoxcall_addon.lint import error_findings, lint
 from knoxcall_addon.loader import load_config
 from knoxcall_addon.model import SHOWN_CHARS, ConfigError, elide, shown
 from knoxcall_addon.policy import load_policy
 from knoxcall_addon.proxy_addon import KnoxCall
-from knoxcall_addon.reloader import FolderWatcher, HotReload, format_problems, watch_dirs
+from knoxcall_addon.reloader import HotReload, format_problems
 from knoxcall_addon.yamlsource import (
     MAX_ALIAS_EXPANSION,
     _LocatingLoader,
@@ -311,7 +312,7 @@ def test_an_error_after_a_call_is_retried_and_warned_once(tmp_path, caplog, monk
     folder = write_config(tmp_path / "cfg")
     seen, record = recorder(folder)
     failures = {"left": 3}
-    real_watch_dirs = reloader.watch_dirs
+    real_watch_dirs = folderwatch.watch_dirs
 
     def flaky(path):
         if failures["left"] and threading.current_thread().name == "knoxcall-reload":
@@ -323,7 +324,7 @@ def test_an_error_after_a_call_is_retried_and_warned_once(tmp_path, caplog, monk
     watcher.start()
     try:
         with caplog.at_level(logging.WARNING, logger="knoxcall"):
-            monkeypatch.setattr(reloader, "watch_dirs", flaky)
+            monkeypatch.setattr(folderwatch, "watch_dirs", flaky)
             (folder / "clients.yaml").write_text(CLIENTS.format(ip="192.0.2.9", assigned="lab"))
             assert wait_until(lambda: failures["left"] == 0, timeout=20)
             assert wait_until(lambda: len(seen) >= 4, timeout=20)  # the call, then one per retry

@@ -12,7 +12,7 @@ import random
 import pytest
 import yaml
 
-from knoxcall_addon import ipmatch, loader, yamlsource
+from knoxcall_addon import ipmatch, networks, yamlsource
 from knoxcall_addon.model import ConfigError, NetworkSet
 from knoxcall_addon.yamlsource import LocatedDict, LocatedList
 
@@ -165,7 +165,7 @@ def _network_texts() -> list[str]:
 def test_plain_network_fast_path_agrees_with_ipaddress() -> None:
     taken = 0
     for text in _network_texts():
-        packed = loader._pack_plain_network(text)
+        packed = networks.pack_plain_network(text)
         if packed is None:
             continue  # left to the full path
         taken += 1
@@ -179,7 +179,7 @@ def test_parse_network_results_and_errors_unchanged() -> None:
     for text in _network_texts():
         expected = _reference_network(text)
         try:
-            got = loader.parse_network(text)
+            got = networks.parse_network(text)
         except ValueError:
             assert expected is None or "%" in text, text
             continue

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from knoxcall_addon.ipmatch import RangeIndex, parse_ip
-from knoxcall_addon.loader import parse_networks
 from knoxcall_addon.model import IPAddress, IPNetwork, Location
+from knoxcall_addon.networks import parse_networks
 
 ip = ipaddress.ip_address
 net = ipaddress.ip_network

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from knoxcall_addon.ipmatch import RangeIndex
-from knoxcall_addon.loader import pack_networks, parse_networks
 from knoxcall_addon.model import Client, IPNetwork, Location, NetworkSet
+from knoxcall_addon.networks import pack_networks, parse_networks
 
 
 @st.composite

@@ -14,10 +14,11 @@ import pytest
 from mitmproxy.test import taddons
 from watchdog.utils import BaseThread
 
+from knoxcall_addon.folderwatch import FolderWatcher, watch_dirs
 from knoxcall_addon.loader import load_config
 from knoxcall_addon.policy import load_policy
 from knoxcall_addon.proxy_addon import KnoxCall
-from knoxcall_addon.reloader import FolderWatcher, HotReload, timed_load, watch_dirs
+from knoxcall_addon.reloader import HotReload, timed_load
 from knoxcall_addon.yamlsource import folder_version
 
 CLIENTS = """\
