@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+logger = logging.getLogger("knoxcall")
 
 ACCESS_LOG_FIELDS = (
     "ts",
@@ -34,16 +37,79 @@ def utc_timestamp(epoch: float) -> str:
 
 
 class AccessLog:
-    """Appends records to a file, one line each, flushed per line so tail -f sees them."""
+    """Appends records to a file, one line each, written per line so tail -f sees them.
+
+    Every record gets its line: what UTF-8 cannot encode is escaped (see `printable`).
+    A line that cannot be written (disk full, file gone bad) is never silent, and never
+    an error for the request: the first failure of a burst is logged at ERROR, and the
+    first line written after it says how many were lost (so does `close`).
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] = self.path.open("a", encoding="utf-8", buffering=1)
+        # Unbuffered bytes: each line is one write(2) (what line buffering did), and a
+        # failed line leaves nothing behind in a buffer to come out later or twice.
+        self._file = self.path.open("ab", buffering=0)
+        self.lost = 0  # lines not written since the last one that was
+        self._torn = False  # the last failed write may have left part of a line
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append one record as a JSON line; never raises for a failed write (see the class)."""
         line = {name: record.get(name) for name in ACCESS_LOG_FIELDS}
-        self._file.write(json.dumps(line, separators=(",", ":"), ensure_ascii=False) + "\n")
+        text = json.dumps(line, separators=(",", ":"), ensure_ascii=False) + "\n"
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:  # a header's non-UTF-8 byte (surrogateescape), or worse
+            line = {name: printable(value) if isinstance(value, str) else value for name, value in line.items()}
+            data = (json.dumps(line, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
+        if self._torn:
+            data = b"\n" + data  # end the torn line: it stays one bad line, not two
+        try:
+            self._write_all(data)
+        except Exception as e:  # OSError, or ValueError on a closed file
+            if not self.lost:
+                logger.error(
+                    f"knoxcall: cannot write the access log {self.path}: {type(e).__name__}: {e}; "
+                    "lines are lost until writing works again (logged once, with the count when it does)"
+                )
+            self.lost += 1
+            return
+        self._torn = False
+        if self.lost:
+            logger.error(f"knoxcall: the access log {self.path} is written again; {self.lost} lines were lost")
+            self.lost = 0
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                written = self._file.write(view)
+            except Exception:
+                self._torn = self._torn or len(view) < len(data)
+                raise
+            if not written:  # None (would block) or 0: no progress, give up on the line
+                self._torn = self._torn or len(view) < len(data)
+                raise OSError(f"wrote {len(data) - len(view)} of {len(data)} bytes")
+            view = view[written:]
 
     def close(self) -> None:
+        if self.lost:
+            logger.error(f"knoxcall: the access log {self.path} is closed; its last {self.lost} lines were lost")
+            self.lost = 0
         self._file.close()
+
+
+def printable(text: str) -> str:
+    """``text`` with what UTF-8 cannot encode written as backslash escapes.
+
+    A request's bytes that are not UTF-8 reach us as lone surrogates (surrogateescape):
+    each becomes the four characters ``\\xHH`` of its byte (Python's backslashreplace of
+    the bytes received); any other lone surrogate becomes ``\\udXXX``. The line stays
+    plain UTF-8 JSON that every parser and log shipper reads (a JSON ``\\udcff`` escape
+    would be a lone surrogate, which strict parsers refuse).
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no byte came from
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")

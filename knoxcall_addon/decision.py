@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from knoxcall_addon.canonical import MAX_TARGET_LENGTH, canonical_host, path_problem
-from knoxcall_addon.ipmatch import parse_ip
+from knoxcall_addon.ipmatch import parse_forwarded_entry, parse_ip
 from knoxcall_addon.model import ApiKey, IPAddress
 from knoxcall_addon.policy import Policy, normalize_path
 
@@ -153,8 +153,11 @@ def resolve_client_ip(
 ) -> tuple[IPAddress | None, IPAddress | None]:
     """(client IP, peer IP). The header is believed only from trusted proxies.
 
-    Walks the header from the right, skipping trusted proxies; the first other address
-    is the client. An unparsable entry stops the walk at the last trusted hop, so that
+    Its field lines, in order, are one list (as if joined with commas), cut at each
+    comma; each element is trimmed of spaces and tabs (HTTP's optional whitespace, no
+    other), and empty elements are skipped. Walked from the right, skipping trusted
+    proxies, the first other address is the client. An entry that is not strictly an
+    address (`parse_forwarded_entry`) stops the walk at the last trusted hop, so that
     garbage never lets a caller choose an address further left.
     """
     peer_ip = _parsed_peer(peer)[0]
@@ -163,9 +166,10 @@ def resolve_client_ip(
     client_ip = peer_ip
     entries = [e for value in forwarded_for for e in value.split(",")]
     for entry in reversed(entries):
-        if not entry.strip():
+        entry = entry.strip(" \t")
+        if not entry:
             continue
-        address = parse_ip(entry)
+        address = parse_forwarded_entry(entry)
         if address is None:
             break
         client_ip = address

@@ -57,6 +57,61 @@ def parse_ip(text: str) -> IPAddress | None:
     return address
 
 
+_PORT = re.compile(r"[1-9][0-9]{0,4}")
+
+
+def parse_forwarded_entry(entry: str) -> IPAddress | None:
+    """One entry of a forwarding header (already cut at commas and trimmed), strictly.
+
+    Exactly ``a.b.c.d``, ``v6``, ``a.b.c.d:port``, ``[v6]`` or ``[v6]:port``, the port
+    1-65535 in plain decimal (no sign, no leading zero); ``::ffff:a.b.c.d`` is taken as
+    ``a.b.c.d``. Anything else, a zone (``%eth0``) included, is None: the entry came
+    through a caller, and a lenient reading would let garbage pass for an address.
+    Peers, which the socket reports, are read by the more forgiving `parse_ip`.
+    """
+    if entry.startswith("["):
+        end = entry.find("]")
+        if end < 0:
+            return None
+        port = entry[end + 1 :]
+        if port and not (port[0] == ":" and _is_port(port[1:])):
+            return None
+        return _strict_ipv6(entry[1:end])
+    colon = entry.find(":")
+    if colon < 0:
+        return _strict_ipv4(entry)
+    if entry.find(":", colon + 1) < 0:  # one colon: a.b.c.d:port (no IPv6 address has one)
+        return _strict_ipv4(entry[:colon]) if _is_port(entry[colon + 1 :]) else None
+    return _strict_ipv6(entry)
+
+
+def _is_port(text: str) -> bool:
+    return _PORT.fullmatch(text) is not None and int(text) <= 65535
+
+
+def _strict_ipv4(text: str) -> IPAddress | None:
+    if _PLAIN_IPV4.fullmatch(text) is None:  # fullmatch: "$" would let a trailing "\n" in
+        return None
+    return ipaddress.IPv4Address(int.from_bytes(socket.inet_aton(text)))
+
+
+def _strict_ipv6(text: str) -> IPAddress | None:
+    if _PLAIN_IPV6.fullmatch(text):  # the fast path of parse_ip, same answers
+        try:
+            address = ipaddress.IPv6Address(int.from_bytes(socket.inet_pton(socket.AF_INET6, text)))
+        except OSError:
+            return None
+    elif "%" in text:  # ipaddress takes a zone; a zone from another host means nothing here
+        return None
+    else:
+        try:
+            address = ipaddress.IPv6Address(text)
+        except ValueError:
+            return None
+    mapped = address.ipv4_mapped
+    return mapped if mapped is not None else address
+
+
 class RangeIndex[Owner: Hashable]:
     """Which owners' ranges cover an address; built once, read per request."""
 
