@@ -25,6 +25,7 @@ from mitmproxy.net.dns import response_codes as dns_response_codes
 from mitmproxy.net.http import url
 from mitmproxy.proxy import mode_specs, server_hooks
 
+from knoxcall_addon import launchguard
 from knoxcall_addon.accesslog import AccessLog, utc_timestamp
 from knoxcall_addon.configdiff import diff_configs
 from knoxcall_addon.decision import (
@@ -159,6 +160,7 @@ class KnoxCall:
             True,
             "Watch the config folder and put valid edits in force without a restart.",
         )
+        launchguard.check_options(loader)  # before mitmproxy applies --set values: a bad one drops the script
 
     def configure(self, updated: set[str]) -> None:
         repoint = False
@@ -208,6 +210,7 @@ class KnoxCall:
         stays one line: the event log is the audit trail of policy changes.
         """
         self.current = LoadedPolicy(policy, time.time())
+        launchguard.activate(self)  # a policy in force: our hooks decide; until then the guard refuses all
         config = policy.config
         logger.info(
             f"knoxcall: config {policy.version} loaded from {config.folder}: "
@@ -245,7 +248,7 @@ class KnoxCall:
     @command.command("knoxcall.status")
     def status_command(self) -> str:
         """Config folder, version, counts, hot reload state and the last reload error."""
-        lines = status_lines(self.current, self.reload, self._reload_enabled)
+        lines = [*launchguard.status_lines(self), *status_lines(self.current, self.reload, self._reload_enabled)]
         monitor = ctx.master.addons.get("connectivitymonitor")
         monitor_lines = getattr(monitor, "status_lines", None)
         if callable(monitor_lines):
@@ -256,6 +259,7 @@ class KnoxCall:
         return "\n".join(lines)
 
     def done(self) -> None:
+        launchguard.deactivate(self)  # first: from here on our hooks are gone
         for handler in logging.getLogger().handlers:
             handler.removeFilter(_SKIP_LEGACY)
         self._running = False
