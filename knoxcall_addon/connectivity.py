@@ -187,6 +187,9 @@ class ConnectivityMonitor:
             0,
             "Seconds between ICMP checks of server clients' single IPs; 0 turns monitoring off.",
         )
+        from knoxcall_addon.launchguard import check_options
+
+        check_options(loader)  # before mitmproxy applies a bad --set value, which would drop the whole script
 
     def configure(self, updated: set[str]) -> None:
         if "knoxcall_ping_interval" not in updated:

@@ -18,6 +18,7 @@ from mitmproxy import command, connection, ctx, dns, exceptions, http, tcp, udp
 from mitmproxy import log as mitmproxy_log
 from mitmproxy.proxy import mode_specs, server_hooks
 
+from knoxcall_addon import launchguard
 from knoxcall_addon.accesslog import AccessLog, utc_timestamp
 from knoxcall_addon.configdiff import diff_configs
 from knoxcall_addon.connections import close_client_socket, decided_at_connect, refused_dns
@@ -92,6 +93,7 @@ class KnoxCall:
             True,
             "Watch the config folder and put valid edits in force without a restart.",
         )
+        launchguard.check_options(loader)  # before mitmproxy applies --set values: a bad one drops the script
 
     def configure(self, updated: set[str]) -> None:
         repoint = False
@@ -146,6 +148,7 @@ class KnoxCall:
         stays one line: the event log is the audit trail of policy changes.
         """
         self.current = LoadedPolicy(policy, time.time())
+        launchguard.activate(self)  # a policy in force: our hooks decide; until then the guard refuses all
         config = policy.config
         logger.info(
             f"knoxcall: config {policy.version} loaded from {config.folder}: "
@@ -183,7 +186,7 @@ class KnoxCall:
     @command.command("knoxcall.status")
     def status_command(self) -> str:
         """Config folder, version, counts, hot reload state and the last reload error."""
-        lines = status_lines(self.current, self.reload, self._reload_enabled)
+        lines = [*launchguard.status_lines(self), *status_lines(self.current, self.reload, self._reload_enabled)]
         monitor = ctx.master.addons.get("connectivitymonitor")
         monitor_lines = getattr(monitor, "status_lines", None)
         if callable(monitor_lines):
@@ -194,6 +197,7 @@ class KnoxCall:
         return "\n".join(lines)
 
     def done(self) -> None:
+        launchguard.deactivate(self)  # first: from here on our hooks are gone
         for handler in logging.getLogger().handlers:
             handler.removeFilter(SKIP_LEGACY)
         self._running = False
