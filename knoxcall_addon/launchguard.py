@@ -276,3 +276,34 @@ def status_lines(addon: object) -> list[str]:
     if guard.active and guard.keeper is addon:
         return []
     return [f"knoxcall: NOT ACTIVE, every request is refused: {guard.reason()}"]
+
+
+def scripts_before(addon: object) -> list[str]:
+    """The ``-s`` scripts that mitmproxy runs before the one holding ``addon``.
+
+    mitmproxy runs the scripts' hooks one after the other inside one error handler: a
+    hook of an earlier script that raises skips every later script's hook for that
+    event, KnoxCall's included, and the request goes on undecided. Empty when ``addon``
+    was not loaded as a script (tests, ``script.run``).
+    """
+    master = getattr(ctx, "master", None)
+    loader = master.addons.get("scriptloader") if master is not None else None
+    before: list[str] = []
+    for script in getattr(loader, "addons", ()):
+        module = getattr(script, "ns", None)
+        if module is not None and any(a is addon for a in getattr(module, "addons", ())):
+            return before
+        before.append(str(getattr(script, "path", script)))
+    return []
+
+
+def script_order_problem(addon: object) -> str | None:
+    """What is wrong with the order of the ``-s`` scripts, if anything (see scripts_before)."""
+    before = scripts_before(addon)
+    if not before:
+        return None
+    return (
+        f"knoxcall: the script(s) {', '.join(before)} run before KnoxCall's: a hook of theirs that raises "
+        "would make mitmproxy skip KnoxCall's for that request, which would go on undecided; "
+        "give -s knoxcall_addon/addon.py first"
+    )

@@ -115,6 +115,8 @@ class KnoxCall:
                 del previous
                 release_free_memory()  # what loading needed beyond what the policy keeps
                 repoint = True
+        if "scripts" in updated and self._running and (problem := launchguard.script_order_problem(self)):
+            raise exceptions.OptionsError(problem)  # e.g. :set scripts=...: rolled back
         if "knoxcall_reload" in updated:
             self._reload_enabled = ctx.options.knoxcall_reload
             repoint = True
@@ -159,6 +161,9 @@ class KnoxCall:
 
     def running(self) -> None:
         """Only now start watching: an error logged during startup would make mitmproxy exit."""
+        problem = launchguard.script_order_problem(self)
+        if problem:
+            logger.error(problem)  # at startup: mitmdump exits 1
         self._running = True
         self._start_watcher()
 

@@ -147,6 +147,31 @@ def test_another_scripts_bad_option_that_drops_knoxcall_exits_non_zero(folder, u
     assert "knoxcall: KnoxCall's hooks are not active at startup" in output, output
 
 
+def test_a_script_before_knoxcalls_makes_the_proxy_refuse_to_start(folder, upstream, tmp_path) -> None:
+    """mitmproxy skips the later scripts' hooks when an earlier script's hook raises: a
+    request would go on undecided. KnoxCall's script must come first."""
+    other = tmp_path / "raising_script.py"
+    other.write_text(
+        "class Raising:\n"
+        "    def requestheaders(self, flow):\n"
+        "        raise RuntimeError('an unrelated bug')\n"
+        "addons = [Raising()]\n"
+    )
+    port = free_port()
+    args = proxy_args(folder, port, upstream)
+    args[1:1] = ["-s", str(other)]  # before KnoxCall's script
+    code, output, statuses = launch_expecting_exit(args, port, tmp_path / "out.log")
+    assert upstream.seen == [], f"forwarded while up ({statuses}):\n{output}"
+    assert code not in (None, 0), f"exit code {code}:\n{output}"
+    assert "run before KnoxCall's" in output and "give -s knoxcall_addon/addon.py first" in output, output
+    # after KnoxCall's, the same script is fine: its exception no longer skips the decision
+    args = proxy_args(folder, port, upstream, "-s", str(other))
+    with Proxy(args, port, tmp_path / "after.log") as proxy:
+        assert get(STRANGER, proxy.url).status_code == 403
+        assert get(OFFICE, proxy.url).status_code == 200
+    assert len(upstream.seen) == 1
+
+
 # -- scripts/run -------------------------------------------------------------------------
 
 
