@@ -96,6 +96,8 @@ def canonical_host(host: str) -> str | None:
 
 
 def _canonical_host(host: str) -> str | None:
+    if not host.isascii():  # before lower(): "\u212a".lower() is "k", and the upstream gets the raw bytes
+        return None
     text = host.lower()
     if text.startswith("[") and text.endswith("]"):
         return _ipv6_text(text[1:-1])
@@ -162,3 +164,31 @@ def _remembered(cache: dict[str, str | None], key: str, value: str | None) -> st
         cache.clear()
     cache[key] = value
     return value
+
+
+_METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an RFC 9110 token
+
+
+def method_problem(method: str) -> str | None:
+    """None when the method is an RFC 9110 token; else what is wrong.
+
+    Methods are case-sensitive: ``post`` is not ``POST`` to an upstream, so it is not
+    allowed as ``POST`` here either (``allowed_methods`` are compared as sent).
+    """
+    if _METHOD.fullmatch(method) is None:
+        return "the method is not an HTTP token"
+    return None
+
+
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal and a log line: what is not printable ASCII as \\xNN/\\uNNNN.
+
+    Caller-sent values (a route name, a Host) reach the event log and mitmweb; an escape
+    sequence in them must not reach the operator's terminal as one.
+    """
+    if text.isascii() and text.isprintable():
+        return text
+    return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], text)

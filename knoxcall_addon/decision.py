@@ -11,7 +11,7 @@ import hmac
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from knoxcall_addon.canonical import MAX_TARGET_LENGTH, canonical_host, path_problem
+from knoxcall_addon.canonical import MAX_TARGET_LENGTH, canonical_host, method_problem, path_problem, printable
 from knoxcall_addon.ipmatch import parse_forwarded_entry, parse_ip
 from knoxcall_addon.model import ApiKey, IPAddress
 from knoxcall_addon.policy import Policy, normalize_path
@@ -27,6 +27,7 @@ DENIED_REASONS = (
     "path_not_canonical",
     "uri_too_long",
     "host_invalid",
+    "method_invalid",
     "ip_not_whitelisted",
     "client_not_assigned",
     "client_disabled",
@@ -120,7 +121,7 @@ class Decision:
         """One line for the event log and the flow comment."""
         line = (
             f"knoxcall: {'allowed' if self.allowed else 'denied'} {self.reason} {self.client_ip or '-'} "
-            f"route={self.route or '-'} env={self.environment or '-'}"
+            f"route={printable(self.route or '-')} env={printable(self.environment or '-')}"
         )
         if self.client:
             line += f" client={self.client}"
@@ -129,7 +130,7 @@ class Decision:
         if self.peer_ip != self.client_ip:
             line += f" peer={self.peer_ip or '-'}"
         if self.detail:
-            line += f" ({self.detail})"
+            line += f" ({printable(self.detail)})"
         return line
 
     def fields(self) -> dict[str, Any]:
@@ -224,6 +225,8 @@ def decide(policy: Policy, facts: RequestFacts) -> Decision:
     problem = path_problem(facts.path)
     if problem is not None:
         return _deny(base, "path_not_canonical", detail=problem)
+    if method_problem(facts.method) is not None:
+        return _deny(base, "method_invalid", detail=f"method {_capped(facts.method)!r} is not an HTTP token")
     if facts.bad_authority is not None:
         return _deny(base, "host_invalid", detail=f"Host {_capped(facts.bad_authority)!r} is not host[:port]")
     host = canonical_host(facts.host) if facts.host else ""
@@ -303,7 +306,7 @@ def _allowed_method(
 ) -> Decision:
     """7. method: allowed by every other check; refused only for its method."""
     methods = route.methods_for(environment)
-    if methods is not None and method.upper() not in methods:
+    if methods is not None and method not in methods:  # case-sensitive, as upstreams compare them
         return _deny(base, "method_not_allowed", client=client, allow_methods=tuple(sorted(methods)))
     return _allow(base, reason, route, environment, client)
 
@@ -425,6 +428,7 @@ def _decision(allowed: bool, reason: str, status: int, values: dict[str, Any]) -
 _DENIAL_MESSAGES = {
     "path_not_canonical": (400, "Bad request"),
     "host_invalid": (400, "Bad request"),
+    "method_invalid": (400, "Bad request"),
     "uri_too_long": (414, "URI too long"),
     "route_not_found": (404, "Route not found"),
     "environment_not_found": (404, "Environment not found"),

@@ -317,6 +317,30 @@ CASES: list[tuple[str, RequestFacts, str, int, dict[str, Any] | None, dict[str, 
         {},
     ),
     (
+        "method_invalid",
+        facts(method="po\u017ft"),  # "poſt".upper() == "POST": no upper() and no non-token method
+        "method_invalid",
+        400,
+        {"error": "Bad request", "status": 400, "reason": "method_invalid"},
+        {},
+    ),
+    (
+        "method-is-case-sensitive",
+        facts(method="post"),
+        "method_not_allowed",
+        405,
+        {"error": "Method not allowed", "status": 405},
+        {"allow_methods": ("GET", "POST")},
+    ),
+    (
+        "host_invalid-non-ascii-that-lowers-to-ascii",
+        facts(host="api.example.co\u212a"),
+        "host_invalid",
+        400,
+        {"error": "Bad request", "status": 400, "reason": "host_invalid"},
+        {},
+    ),
+    (
         "host-mapped-ipv6-is-the-ipv4-host",
         facts(host="::ffff:127.0.0.21", route="api"),
         "route_not_found",
@@ -766,3 +790,10 @@ def test_other_host_names_must_agree(policy: Policy) -> None:
     # a route named by header does not help
     named = decide(policy, facts(route="api", other_hosts=("admin.example.com",)))
     assert (named.reason, named.body["route"]) == ("route_not_found", "api")
+
+
+def test_caller_values_in_the_log_line_cannot_drive_a_terminal(policy: Policy) -> None:
+    line = decide(policy, facts(route="a\x1b[2Jb")).summary()
+    assert "\x1b" not in line and "route=a\\x1b[2Jb" in line
+    line = decide(policy, facts(environment="\x07")).summary()
+    assert "\x07" not in line and "env=\\x07" in line
