@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from mitmproxy import command, connection, ctx, dns, exceptions, http, tcp, udp
 from mitmproxy import log as mitmproxy_log
@@ -105,9 +105,10 @@ class KnoxCall:
                 try:
                     policy = load_policy(folder)
                 except ConfigError as e:
-                    # At start this makes mitmproxy log an error and exit; later it rolls
-                    # the option back, so the previous policy stays in force.
-                    raise exceptions.OptionsError(f"knoxcall: invalid config in {folder}:\n{e}") from None
+                    if self.current is None and not self._running:  # at start: nothing to keep
+                        refuse_to_start(e)
+                    # Later, mitmproxy rolls the option back: the previous policy stays in force.
+                    raise exceptions.OptionsError(f"knoxcall: invalid config, nothing changed:\n{e}") from None
                 previous = self.current.policy.config if self.current else None
                 note = f"was {previous.version}: {diff_configs(previous, policy.config).summary()}" if previous else ""
                 self.install(policy, note)
@@ -468,6 +469,24 @@ class KnoxCall:
             self.access_log.write(record)
         except Exception:
             logger.exception("knoxcall: cannot write the access log")
+
+
+def refuse_to_start(error: ConfigError) -> NoReturn:
+    """An invalid config at start: each problem on its own line, then exit 1.
+
+    Raised as an OptionsError, mitmproxy would print "error in script" and a traceback,
+    open the listening socket, and only then exit. SystemExit from here ends the process
+    before it listens (the script loads while mitmproxy starts its servers); nothing has
+    been served, and the guard refuses everything meanwhile (launchguard).
+    """
+    problems = error.problems or []
+    logger.error(f"knoxcall: invalid config, not starting ({len(problems) or 1} problem(s)):")
+    for problem in problems or [str(error)]:
+        logger.error(f"knoxcall:   {problem}")
+    for handler in logging.getLogger().handlers:  # mitmdump's terminal writes from a queue: flush it
+        with contextlib.suppress(Exception):
+            handler.flush()
+    raise SystemExit(1)
 
 
 @contextlib.contextmanager

@@ -152,13 +152,21 @@ def test_invalid_config_raises_options_error_and_keeps_the_previous_policy(tctx,
     assert flow.response is None  # still deciding with the old policy: allowed
 
 
-def test_missing_config_folder_is_an_options_error(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.chdir(tmp_path)  # the rolled-back default, "config", does not exist here either
+def test_missing_config_folder_at_start_refuses_to_start(tmp_path: Path, monkeypatch, caplog) -> None:
+    """At start there is no policy to keep: each problem logged on its own line, no traceback, exit 1."""
+    monkeypatch.chdir(tmp_path)
     addon = KnoxCall()
     with taddons.context(addon) as context:
-        with pytest.raises(exceptions.OptionsError, match="config folder does not exist"):
+        with pytest.raises(SystemExit) as caught:
             context.configure(addon, knoxcall_config=str(tmp_path / "nowhere"))
+        assert caught.value.code == 1
         assert addon.current is None
+    errors = [r for r in caplog.records if r.name == "knoxcall" and r.levelno == logging.ERROR]
+    assert [r.getMessage() for r in errors] == [
+        "knoxcall: invalid config, not starting (1 problem(s)):",
+        f"knoxcall:   {tmp_path / 'nowhere'}: config folder does not exist",
+    ]
+    assert not any(r.exc_info for r in errors)
 
 
 def test_no_policy_loaded_denies_everything(caplog) -> None:

@@ -318,7 +318,7 @@ CASES: list[tuple[str, RequestFacts, str, int, dict[str, Any] | None, dict[str, 
     ),
     (
         "method_invalid",
-        facts(method="po\u017ft"),  # "poſt".upper() == "POST": no upper() and no non-token method
+        facts(method="po\u017ft"),  # its upper() is "POST": no upper(), and no non-token method
         "method_invalid",
         400,
         {"error": "Bad request", "status": 400, "reason": "method_invalid"},

@@ -221,9 +221,11 @@ def test_invalid_config_makes_mitmdump_exit_with_file_and_line(make_config) -> N
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
     assert f"{config}/clients.yaml:3: '192.168.1.5/24' has host bits set; did you mean 192.168.1.0/24" in output
-    # mitmproxy may bind its listener before its ErrorCheck ends the process; until then,
-    # with no policy loaded, every request would be denied.
-    assert "Error logged during startup, exiting" in output
+    # once, each problem on its own line, no traceback, and out before mitmproxy listens
+    assert output.count("has host bits set") == 1, output
+    assert "knoxcall: invalid config, not starting (1 problem(s)):" in output
+    assert "Traceback" not in output and "error in script" not in output
+    assert "listening" not in output, output
 
 
 def test_missing_config_folder_makes_mitmdump_exit(tmp_path: Path) -> None:

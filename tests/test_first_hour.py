@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow
 
 from knoxcall_addon.cli import EXIT_FINDINGS, EXIT_OK, EXIT_USAGE, main
@@ -63,11 +62,20 @@ def first(tmp_path: Path) -> Path:
 
 
 def addon_error(folder: str) -> str:
-    """What the addon says when ``knoxcall_config`` is set to ``folder`` (it must refuse)."""
+    """What the addon says when it starts with ``knoxcall_config`` set to ``folder`` (it must
+    refuse to start: its ERROR lines, then SystemExit)."""
     addon = KnoxCall()
-    with taddons.context(addon) as tctx, pytest.raises(exceptions.OptionsError) as caught:
-        tctx.configure(addon, knoxcall_config=folder)
-    return str(caught.value)
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("knoxcall").addHandler(handler)
+    try:
+        with taddons.context(addon) as tctx, pytest.raises(SystemExit) as caught:
+            tctx.configure(addon, knoxcall_config=folder)
+    finally:
+        logging.getLogger("knoxcall").removeHandler(handler)
+    assert caught.value.code == 1
+    return "\n".join(lines)
 
 
 # -- the config folder, taken the same way by every command -------------------------------
