@@ -451,3 +451,32 @@ def test_unreachable_upstream_is_logged_with_null_status(make_config, tmp_path: 
             time.sleep(0.05)
         (record,) = proxy.access_records()
         assert (record["decision"], record["reason"], record["status"]) == ("allowed", "client", None)
+
+
+def test_run_web_shows_the_comment_column_and_names_a_taken_ui_port(tmp_path: Path) -> None:
+    """scripts/run web: KnoxCall's reason and caller in the flow list without extra flags;
+    a UI port already taken is said in one line instead of mitmweb's traceback."""
+    port, web_port, token = free_port(), free_port(), "knoxcall-test-token"
+    args = [str(ROOT / "scripts" / "run"), "web", "-p", str(port), "--set", f"web_port={web_port}",
+            "--set", f"web_password={token}", "--set", "web_open_browser=false",
+            "--set", f"confdir={tmp_path / 'conf'}"]  # fmt: skip
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    process = subprocess.Popen(args, cwd=ROOT, start_new_session=True, **quiet)
+    try:
+        deadline = time.monotonic() + 60
+        options = None
+        while options is None and time.monotonic() < deadline:
+            assert process.poll() is None
+            try:
+                options = httpx.get(f"http://127.0.0.1:{web_port}/options.json", params={"token": token}).json()
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert options is not None
+        assert "comment" in options["web_columns"]["value"]
+        taken = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert taken.returncode == 1
+        assert f"mitmweb's UI cannot listen on 127.0.0.1:{web_port}" in taken.stderr
+        assert "Traceback" not in taken.stderr
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(15)
