@@ -1,0 +1,390 @@
+"""Where the buckets live: this process's memory, or a Redis that several proxies share.
+
+- `MemoryStore`: key -> TAT in an LRU dict, bounded (idle buckets are dropped first).
+- `RedisStore`: one Lua script checks and takes from every bucket of a request atomically,
+  on the Redis server's clock (proxies with skewed clocks agree); redis.asyncio, never
+  blocking the event loop, each call bounded by a timeout.
+- `RateLimiter`: the store the settings in force name, and what happens when Redis cannot
+  be asked (``rate_limit_on_store_error``): local buckets (default), allow, or deny.
+
+No mitmproxy import. The arithmetic is ratelimit.py's; the script is its Lua twin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from knoxcall_addon.decision import Decision
+from knoxcall_addon.model import Settings
+from knoxcall_addon.rateconfig import redacted_url
+from knoxcall_addon.ratelimit import (
+    CALLER_SEPARATOR,
+    Check,
+    CompiledLimit,
+    Consumed,
+    RateLimits,
+    consume,
+    limited_decision,
+    outcome,
+    unavailable_decision,
+)
+
+logger = logging.getLogger("knoxcall")
+
+REDIS_KEY_PREFIX = "knoxcall:rl:"
+PROBE_SECONDS = 0.5  # how often an unreachable Redis is asked whether it is back
+SWEEP_PER_INSERT = 2  # idle buckets looked at (and dropped) per new bucket
+
+Checked = tuple[Decision, dict[str, Any] | None]  # the decision after the limits, and the flow's rate_limit
+
+
+def monotonic_us() -> int:
+    return time.monotonic_ns() // 1000
+
+
+class MemoryStore:
+    """The buckets of this process: key -> TAT (see ratelimit.py), at most ``max_buckets``.
+
+    Kept in least-recently-used order. Each new bucket first drops up to SWEEP_PER_INSERT of
+    the least recently used ones that are full again (a full bucket is the same as none);
+    beyond ``max_buckets`` the least recently used goes even when it is not full, which can
+    only give that caller a full bucket early (counted in ``dropped_early``).
+    """
+
+    def __init__(self, max_buckets: int = Settings.rate_limit_max_buckets, clock: Callable[[], int] = monotonic_us):
+        self.buckets: OrderedDict[str, int] = OrderedDict()
+        self.max_buckets = max_buckets
+        self.clock = clock
+        self.limits: dict[str, CompiledLimit] = {}  # by prefix: to tell whether a bucket is full
+        self.dropped_early = 0
+
+    def consume(self, checks: Sequence[Check]) -> tuple[Consumed, int]:
+        """Check and take, all or nothing (see ratelimit.consume); (result, now in µs)."""
+        now = self.clock()
+        buckets = self.buckets
+        consumed = consume([limit for limit, _ in checks], [buckets.get(key) for _, key in checks], now)
+        if not consumed.refused:
+            for (_, key), room, tat in zip(checks, consumed.room, consumed.tats, strict=True):
+                if room:
+                    if key in buckets:
+                        buckets.move_to_end(key)
+                    else:
+                        self._make_room(now)
+                    buckets[key] = tat  # type: ignore[assignment]  # taken from: never None
+        return consumed, now
+
+    def _make_room(self, now_us: int) -> None:
+        buckets = self.buckets
+        for _ in range(SWEEP_PER_INSERT):
+            if not buckets:
+                return
+            key, tat = next(iter(buckets.items()))
+            limit = self.limits.get(key.partition(CALLER_SEPARATOR)[0])
+            if limit is not None and tat > now_us * limit.requests:
+                break  # the least recently used is not idle: nor are the others, mostly
+            del buckets[key]
+        while len(buckets) >= self.max_buckets:
+            buckets.popitem(last=False)
+            self.dropped_early += 1
+
+    def use_limits(self, limits: RateLimits) -> None:
+        """After a reload: buckets of limits that are gone (removed, or changed) go too."""
+        gone = self.limits.keys() - limits.by_prefix.keys()
+        self.limits = dict(limits.by_prefix)
+        if gone:
+            for key in [k for k in self.buckets if k.partition(CALLER_SEPARATOR)[0] in gone]:
+                del self.buckets[key]
+
+
+# KEYS: the buckets. ARGV: per bucket requests, interval (µs, remainder), capacity (µs, remainder),
+# enforce (1/0). A TAT is kept as "µs:remainder" (remainder in 1/requests µs), so every number
+# stays an exact integer in Lua's doubles. Returns now (µs), then per bucket µs, remainder, room.
+STEP_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local n = #KEYS
+local us, rem, nus, nrem, room = {}, {}, {}, {}, {}
+local refused = false
+for i = 1, n do
+  local a = (i - 1) * 6
+  local req, iq, ir = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local cq, cr = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
+  us[i], rem[i] = now, 0
+  local v = redis.call('GET', KEYS[i])
+  if v then
+    local su, sr = string.match(v, '^(%d+):(%d+)$')
+    su, sr = tonumber(su), tonumber(sr)
+    if su and sr and (su > now or (su == now and sr > 0)) then us[i], rem[i] = su, sr end
+  end
+  nus[i], nrem[i] = us[i] + iq, rem[i] + ir
+  if nrem[i] >= req then nus[i], nrem[i] = nus[i] + 1, nrem[i] - req end
+  local ahead = nus[i] - now
+  room[i] = ahead < cq or (ahead == cq and nrem[i] <= cr)
+  if not room[i] and ARGV[a + 6] == '1' then refused = true end
+end
+local out = {now}
+for i = 1, n do
+  if room[i] and not refused then
+    us[i], rem[i] = nus[i], nrem[i]
+    redis.call('SET', KEYS[i], string.format('%d:%d', us[i], rem[i]), 'PX', math.floor((us[i] - now) / 1000) + 1)
+  end
+  out[#out + 1] = us[i]
+  out[#out + 1] = rem[i]
+  out[#out + 1] = room[i] and 1 or 0
+end
+return out
+"""
+
+
+def script_args(limit: CompiledLimit) -> tuple[int, int, int, int, int, int]:
+    """The script's six numbers of one limit (see STEP_SCRIPT)."""
+    iq, ir = divmod(limit.window_us, limit.requests)
+    cq, cr = divmod(limit.cap, limit.requests)
+    return limit.requests, iq, ir, cq, cr, int(limit.enforce)
+
+
+class RedisStore:
+    """Buckets in Redis, shared by every proxy that names it; see STEP_SCRIPT."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        import redis.asyncio  # only when Redis is configured
+
+        self.shown = redacted_url(url)
+        self.timeout = timeout
+        self._password = _password_of(url)
+        # no retries of its own: a store error is handled once, by RateLimiter
+        self.client = redis.asyncio.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=None, health_check_interval=0
+        )
+        self.script = self.client.register_script(STEP_SCRIPT)
+
+    async def consume(self, checks: Sequence[Check]) -> tuple[Consumed, int]:
+        keys = [REDIS_KEY_PREFIX + key for _, key in checks]
+        args = [number for limit, _ in checks for number in script_args(limit)]
+        async with asyncio.timeout(self.timeout):
+            reply = await self.script(keys=keys, args=args)
+        numbers = [int(n) for n in reply]
+        room = tuple(bool(numbers[3 + 3 * i]) for i in range(len(checks)))
+        tats = tuple(numbers[1 + 3 * i] * limit.requests + numbers[2 + 3 * i] for i, (limit, _) in enumerate(checks))
+        refused = any(not ok and limit.enforce for ok, (limit, _) in zip(room, checks, strict=True))
+        return Consumed(refused, room, tats), numbers[0]
+
+    async def ping(self) -> None:
+        async with asyncio.timeout(self.timeout):
+            await self.client.ping()
+
+    def describe_error(self, error: BaseException) -> str:
+        """An error in words, never with the password."""
+        if isinstance(error, TimeoutError):
+            return f"no answer within {self.timeout * 1000:g} ms"
+        text = f"{type(error).__name__}: {error}"
+        return text.replace(self._password, "***") if self._password else text
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.client.aclose()
+
+
+def _password_of(url: str) -> str:
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    return userinfo.partition(":")[2] or userinfo
+
+
+class RateLimiter:
+    """Counts requests against the limits of the policy in force, in the store its settings name.
+
+    `check` answers at once from memory; with Redis it returns a coroutine (mitmproxy awaits a
+    hook's awaitable). When Redis cannot be asked, `rate_limit_on_store_error` says what
+    happens: ``local`` buckets of this process (each proxy then allows the whole limit),
+    ``allow`` without limits, or ``deny`` (503). A WARNING says so once, an INFO line when
+    Redis answers again; meanwhile no request waits for it.
+    """
+
+    def __init__(self, clock: Callable[[], int] = monotonic_us) -> None:
+        self.local = MemoryStore(clock=clock)
+        self.redis: RedisStore | None = None
+        self.settings = Settings()
+        self.limits: RateLimits | None = None
+        self.unreachable_since: float | None = None
+        self.reachable: bool | None = None  # None: not asked yet
+        self.last_error = ""
+        self._probe: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    # -- configuration (event loop) -------------------------------------------------------
+
+    def install(self, limits: RateLimits, settings: Settings) -> None:
+        """Use the limits and settings of a policy just put in force; buckets of unchanged limits stay."""
+        self.limits = limits
+        self.local.max_buckets = settings.rate_limit_max_buckets
+        self.local.use_limits(limits)
+        store = (settings.rate_limit_store, settings.rate_limit_store_timeout_ms)
+        before = (self.settings.rate_limit_store, self.settings.rate_limit_store_timeout_ms)
+        self.settings = settings
+        if self.redis is not None and store == before:
+            return
+        self._drop_redis()
+        if settings.rate_limit_store != "memory":
+            self.redis = RedisStore(settings.rate_limit_store, settings.rate_limit_store_timeout_ms / 1000)
+            self.unreachable_since = None
+            self.reachable = None
+            self._start_probe(first=True)
+
+    def _drop_redis(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
+        if self.redis is not None:
+            old, self.redis = self.redis, None
+            with contextlib.suppress(RuntimeError):  # no loop (tests, shutdown): nothing to close on
+                task = asyncio.get_running_loop().create_task(old.close())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+
+    def stop(self) -> None:
+        """At shutdown: stop probing, close the Redis connections in the background."""
+        self._drop_redis()
+
+    async def close(self) -> None:
+        """Stop probing and close the Redis connections; return when they are closed."""
+        self._drop_redis()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    # -- per request ----------------------------------------------------------------------
+
+    def check(self, limits: RateLimits, decision: Decision) -> Checked | Awaitable[Checked]:
+        """The decision after ``limits`` (the policy's), and the flow's ``rate_limit`` (None when none apply).
+
+        A tuple at once, or (Redis) an awaitable of one.
+        """
+        if not limits.any:
+            return decision, None
+        checks = limits.checks(decision)
+        if not checks:
+            return decision, None
+        if self.redis is None or self.unreachable_since is not None:
+            if self.redis is not None:
+                return self._store_error(decision, checks)
+            return self._local(decision, checks)
+        return self._shared(self.redis, decision, checks)
+
+    def _local(self, decision: Decision, checks: list[Check]) -> Checked:
+        consumed, now = self.local.consume(checks)
+        result = outcome(checks, consumed, now)
+        wall = time.time()  # the bucket's clock is monotonic; the headers' reset is Unix time
+        return limited_decision(decision, result), result.info(wall)
+
+    async def _shared(self, store: RedisStore, decision: Decision, checks: list[Check]) -> Checked:
+        try:
+            consumed, now = await store.consume(checks)
+        except Exception as e:  # unreachable, slow, refused the script: the fallback decides
+            self._unreachable(store, e)
+            return self._store_error(decision, checks)
+        self.reachable = True
+        result = outcome(checks, consumed, now)
+        return limited_decision(decision, result), result.info(now / 1_000_000)  # Redis's clock, as its buckets
+
+    def _store_error(self, decision: Decision, checks: list[Check]) -> Checked:
+        policy = self.settings.rate_limit_on_store_error
+        if policy == "local":
+            return self._local(decision, checks)
+        if policy == "allow":
+            return decision, None
+        shown = self.redis.shown if self.redis else "?"
+        return unavailable_decision(decision, f"rate limit store {shown} unavailable"), None
+
+    # -- health ---------------------------------------------------------------------------
+
+    def _unreachable(self, store: RedisStore, error: BaseException) -> None:
+        """A request could not ask Redis: fall back (see the class) until a probe finds it again."""
+        if self._mark_unreachable(store, error):
+            self._start_probe()
+
+    def _mark_unreachable(self, store: RedisStore, error: BaseException) -> bool:
+        """Note the error; log the WARNING and return True when this starts an outage."""
+        if store is not self.redis:
+            return False  # a store replaced meanwhile (reload)
+        self.last_error = store.describe_error(error)
+        self.reachable = False
+        if self.unreachable_since is not None:
+            return False
+        self.unreachable_since = time.time()
+        fallback = {
+            "local": "counting in this process alone (each proxy allows the whole limit)",
+            "allow": "allowing requests without rate limits",
+            "deny": "refusing rate-limited requests with 503",
+        }[self.settings.rate_limit_on_store_error]
+        logger.warning(
+            f"knoxcall: rate limit store {store.shown} unreachable ({self.last_error}): {fallback} until it is back "
+            f"(rate_limit_on_store_error: {self.settings.rate_limit_on_store_error})"
+        )
+        return True
+
+    def _start_probe(self, first: bool = False) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # outside the event loop (CLI, tests): the first request finds out
+        if self._probe is None or self._probe.done():
+            self._probe = loop.create_task(self._watch(first))
+
+    async def _watch(self, first: bool) -> None:
+        """Ask Redis until it answers: at once after (re)configuration, else every PROBE_SECONDS.
+
+        Runs only while the store is unreachable (or not yet asked) and is the one in use.
+        """
+        store = self.redis
+        while store is not None and store is self.redis:
+            if not first:
+                await asyncio.sleep(PROBE_SECONDS)
+            try:
+                await store.ping()
+            except Exception as e:
+                if first:
+                    self._mark_unreachable(store, e)
+                first = False
+                continue
+            if store is not self.redis:
+                return
+            if self.unreachable_since is not None:
+                logger.info(f"knoxcall: rate limit store {store.shown} is reachable again: limits are shared again")
+            elif first:
+                logger.info(f"knoxcall: rate limit store {store.shown} reachable: limits are shared")
+            self.unreachable_since = None
+            self.reachable = True
+            self.last_error = ""
+            return
+
+    def status_lines(self) -> list[str]:
+        """For ``knoxcall.status``: the limits, the store and its health."""
+        limits = self.limits
+        if limits is None or not limits.any:
+            counts = "none configured"
+        else:
+            kinds = [limit.kind for limit in limits.by_prefix.values()]
+            counts = ", ".join(f"{kinds.count(k)} {k}" for k in ("client", "route", "client_route") if k in kinds)
+        local = (
+            f"{len(self.local.buckets)} buckets in this process (at most {self.local.max_buckets}; "
+            f"{self.local.dropped_early} dropped before they were full)"
+        )
+        if self.redis is None:
+            return [f"rate limits: {counts}; store: memory (this process), {local}"]
+        if self.unreachable_since is None:
+            health = "reachable" if self.reachable else "not asked yet"
+        else:
+            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.unreachable_since))
+            health = (
+                f"UNREACHABLE since {since} ({self.last_error}); "
+                f"rate_limit_on_store_error: {self.settings.rate_limit_on_store_error}"
+            )
+        return [
+            f"rate limits: {counts}; store: {self.redis.shown} (shared), {health}",
+            f"rate limits, local buckets: {local}",
+        ]
