@@ -256,7 +256,8 @@ def limited_decision(decision: Decision, result: Outcome) -> Decision:
     limit = result.exceeded
     if limit is None:
         return decision
-    detail = f"{limit.kind} limit of {limit.scope} ({describe(limit.spec)}) exceeded, retry after {result.retry_after} s"
+    detail = f"{limit.kind} limit of {limit.scope} ({describe(limit.spec)}) exceeded"
+    detail += f", retry after {result.retry_after} s"
     if not result.refused:
         return dataclasses.replace(decision, reason=RATE_LIMITED, detail=f"report-only: {detail}")
     body = {"error": "Rate limit exceeded", "status": 429, "limit": limit.kind, "retry_after": result.retry_after}

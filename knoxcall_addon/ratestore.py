@@ -86,7 +86,7 @@ class MemoryStore:
                 return
             key, tat = next(iter(buckets.items()))
             limit = self.limits.get(key.partition(CALLER_SEPARATOR)[0])
-            if limit is not None and tat > now_us * limit.requests:
+            if limit is None or tat > now_us * limit.requests:
                 break  # the least recently used is not idle: nor are the others, mostly
             del buckets[key]
         while len(buckets) >= self.max_buckets:
