@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -39,6 +40,8 @@ logger = logging.getLogger("knoxcall")
 
 REDIS_KEY_PREFIX = "knoxcall:rl:"
 PROBE_SECONDS = 0.5  # how often an unreachable Redis is asked whether it is back
+MAX_CONNECTIONS = 8  # to one Redis, per proxy process: requests are sent in batches (see RedisStore)
+PROBE_TIMEOUT_SECONDS = 1.0  # a probe may wait longer than a request (a first connection, a busy start)
 SWEEP_PER_INSERT = 2  # idle buckets looked at (and dropped) per new bucket
 
 Checked = tuple[Decision, dict[str, Any] | None]  # the decision after the limits, and the flow's rate_limit
@@ -150,34 +153,97 @@ def script_args(limit: CompiledLimit) -> tuple[int, int, int, int, int, int]:
 
 
 class RedisStore:
-    """Buckets in Redis, shared by every proxy that names it; see STEP_SCRIPT."""
+    """Buckets in Redis, shared by every proxy that names it; see STEP_SCRIPT.
+
+    The requests that arrive in one turn of the event loop go to Redis together, as one
+    pipeline of script calls (each call atomic on its own): one round trip, one connection,
+    however many requests are in flight. Each request waits at most ``timeout`` seconds.
+    """
 
     def __init__(self, url: str, timeout: float) -> None:
         import redis.asyncio  # only when Redis is configured
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
         self.shown = redacted_url(url)
         self.timeout = timeout
         self._password = _password_of(url)
-        # no retries of its own: a store error is handled once, by RateLimiter
-        self.client = redis.asyncio.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=None, health_check_interval=0
+        # One immediate retry, on a new connection: after a Redis restart the pooled connections
+        # are dead, and each would otherwise fail one request. Within the same timeout.
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=None,  # waiting for a free connection is bounded by our own timeout
+            socket_timeout=max(timeout, PROBE_TIMEOUT_SECONDS),
+            socket_connect_timeout=max(timeout, PROBE_TIMEOUT_SECONDS),
+            retry=Retry(NoBackoff(), 1),
+            health_check_interval=0,
         )
-        self.script = self.client.register_script(STEP_SCRIPT)
+        self.client = redis.asyncio.Redis(connection_pool=pool)
+        self.sha = hashlib.sha1(STEP_SCRIPT.encode()).hexdigest()
+        self._queue: list[tuple[list[Any], asyncio.Future[list[Any]]]] = []
+        self._batches: set[asyncio.Task[None]] = set()
 
     async def consume(self, checks: Sequence[Check]) -> tuple[Consumed, int]:
         keys = [REDIS_KEY_PREFIX + key for _, key in checks]
         args = [number for limit, _ in checks for number in script_args(limit)]
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        if not self._queue:
+            loop.call_soon(self._send_batch)
+        self._queue.append(([self.sha, len(keys), *keys, *args], future))
         async with asyncio.timeout(self.timeout):
-            reply = await self.script(keys=keys, args=args)
+            reply = await future
         numbers = [int(n) for n in reply]
         room = tuple(bool(numbers[3 + 3 * i]) for i in range(len(checks)))
         tats = tuple(numbers[1 + 3 * i] * limit.requests + numbers[2 + 3 * i] for i, (limit, _) in enumerate(checks))
         refused = any(not ok and limit.enforce for ok, (limit, _) in zip(room, checks, strict=True))
         return Consumed(refused, room, tats), numbers[0]
 
+    def _send_batch(self) -> None:
+        batch, self._queue = self._queue, []
+        task = asyncio.get_running_loop().create_task(self._run_batch(batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _run_batch(self, batch: list[tuple[list[Any], asyncio.Future[list[Any]]]]) -> None:
+        from redis.exceptions import NoScriptError
+
+        try:
+            async with asyncio.timeout(self.timeout):
+                replies = await self._pipeline([call for call, _ in batch])
+                if any(isinstance(reply, NoScriptError) for reply in replies):  # a new or restarted Redis
+                    await self.client.script_load(STEP_SCRIPT)
+                    replies = await self._pipeline([call for call, _ in batch])
+        except BaseException as e:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(e if isinstance(e, Exception) else ConnectionError("cancelled"))
+            if not isinstance(e, Exception):
+                raise
+            return
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if future.done():  # its request gave up (timeout)
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    async def _pipeline(self, calls: list[list[Any]]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for call in calls:
+            pipe.execute_command("EVALSHA", *call)
+        return await pipe.execute(raise_on_error=False)
+
     async def ping(self) -> None:
-        async with asyncio.timeout(self.timeout):
+        async with asyncio.timeout(max(self.timeout, PROBE_TIMEOUT_SECONDS)):
             await self.client.ping()
+
+    async def drop_connections(self) -> None:
+        """After an error: no pooled connection to a Redis that went away is used again."""
+        with contextlib.suppress(Exception):
+            await self.client.connection_pool.disconnect()
 
     def describe_error(self, error: BaseException) -> str:
         """An error in words, never with the password."""
@@ -187,8 +253,10 @@ class RedisStore:
         return text.replace(self._password, "***") if self._password else text
 
     async def close(self) -> None:
+        for task in list(self._batches):
+            task.cancel()
         with contextlib.suppress(Exception):
-            await self.client.aclose()
+            await self.client.aclose(close_connection_pool=True)
 
 
 def _password_of(url: str) -> str:
@@ -305,7 +373,7 @@ class RateLimiter:
     def _unreachable(self, store: RedisStore, error: BaseException) -> None:
         """A request could not ask Redis: fall back (see the class) until a probe finds it again."""
         if self._mark_unreachable(store, error):
-            self._start_probe()
+            self._start_probe(drop_connections=True)
 
     def _mark_unreachable(self, store: RedisStore, error: BaseException) -> bool:
         """Note the error; log the WARNING and return True when this starts an outage."""
@@ -327,20 +395,22 @@ class RateLimiter:
         )
         return True
 
-    def _start_probe(self, first: bool = False) -> None:
+    def _start_probe(self, first: bool = False, drop_connections: bool = False) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # outside the event loop (CLI, tests): the first request finds out
         if self._probe is None or self._probe.done():
-            self._probe = loop.create_task(self._watch(first))
+            self._probe = loop.create_task(self._watch(first, drop_connections))
 
-    async def _watch(self, first: bool) -> None:
+    async def _watch(self, first: bool, drop_connections: bool = False) -> None:
         """Ask Redis until it answers: at once after (re)configuration, else every PROBE_SECONDS.
 
         Runs only while the store is unreachable (or not yet asked) and is the one in use.
         """
         store = self.redis
+        if store is not None and drop_connections:
+            await store.drop_connections()
         while store is not None and store is self.redis:
             if not first:
                 await asyncio.sleep(PROBE_SECONDS)

@@ -78,6 +78,8 @@ class RedisServer:
                 if not chunk:
                     break
                 data += chunk
+        if self.password and data.startswith(b"+OK\r\n"):
+            data = data[5:]  # AUTH's answer
         return data
 
     def ping(self) -> bool:
@@ -86,7 +88,7 @@ class RedisServer:
         except OSError:
             return False
 
-    def keys(self, pattern: str = "*") -> list[str]:
+    def stored_keys(self, pattern: str = "*") -> list[str]:
         reply = self.command("KEYS", pattern).decode()
         return [line for line in reply.split("\r\n") if line and line[0] not in "*$+:-"]
 
