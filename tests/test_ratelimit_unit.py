@@ -462,3 +462,55 @@ def test_explain_shows_the_limits_that_apply(limited, tmp_path, make_config):
     out = io.StringIO()
     main(["explain", "--config", str(folder), "--ip", "10.0.1.5", "--route", "free"], out=out)
     assert "rate limits" not in out.getvalue()  # refused (not assigned): no limit is consulted
+
+
+# -- the schema for editors agrees with the loader ------------------------------------------
+
+ENVS = "environments: [{name: production}, {name: dev}]\n"
+GOOD_SCHEMA = [
+    ENVS + "routes: [{name: r, rate_limit: {requests: 10, window_sec: 1.5, burst: 3, mode: report},"
+    " client_rate_limit: {requests: 1, window_sec: 60},"
+    " environments: {dev: {rate_limit: false, client_rate_limit: {requests: 5, window_sec: 1}}}}]",
+    ENVS + "clients: [{name: a, ip_address: 10.0.0.1, rate_limit: {requests: 100, window_sec: 60}}]",
+    ENVS + "settings: {rate_limit_store: 'redis://:pw@127.0.0.1:6379/2', rate_limit_headers: false,"
+    " rate_limit_on_store_error: deny, rate_limit_store_timeout_ms: 20, rate_limit_max_buckets: 5000}",
+]
+BAD_SCHEMA = [
+    ENVS + "routes: [{name: r, rate_limit: {requests: 0, window_sec: 1}}]",
+    ENVS + "routes: [{name: r, rate_limit: {requests: 1}}]",
+    ENVS + "routes: [{name: r, rate_limit: {requests: 1, window_sec: 1, per: minute}}]",
+    ENVS + "routes: [{name: r, rate_limit: false}]",
+    ENVS + "routes: [{name: r, environments: {dev: {client_rate_limit: true}}}]",
+    ENVS + "clients: [{name: a, ip_address: 10.0.0.1, rate_limit: {requests: 1, window_sec: 1, mode: log}}]",
+    ENVS + "settings: {rate_limit_store: 'memcached://h:1'}",
+    ENVS + "settings: {rate_limit_on_store_error: crash}",
+]
+
+
+@pytest.fixture(scope="module")
+def validator():
+    import json
+
+    import jsonschema
+
+    from tests.test_newkey_schema_demo import SCHEMA_PATH
+
+    return jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()))
+
+
+@pytest.mark.parametrize("text", GOOD_SCHEMA)
+def test_schema_and_loader_accept_the_same_limits(validator, make_config, text):
+    from tests.test_newkey_schema_demo import loader_errors, schema_errors
+
+    folder = make_config(**{"k.yaml": text})
+    assert schema_errors(validator, folder) == []
+    assert loader_errors(folder) == []
+
+
+@pytest.mark.parametrize("text", BAD_SCHEMA)
+def test_schema_and_loader_refuse_the_same_limits(validator, make_config, text):
+    from tests.test_newkey_schema_demo import loader_errors, schema_errors
+
+    folder = make_config(**{"k.yaml": text})
+    assert schema_errors(validator, folder), "the schema accepted it"
+    assert loader_errors(folder), "the loader accepted it"
