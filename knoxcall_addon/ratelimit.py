@@ -23,7 +23,7 @@ import ipaddress
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from knoxcall_addon.model import Config, RateLimit
 from knoxcall_addon.rateconfig import describe
@@ -150,9 +150,12 @@ def step(limit: CompiledLimit, tat: int | None, now_us: int) -> tuple[bool, int]
     return after - now <= limit.cap, after
 
 
-@dataclass(frozen=True, slots=True)
-class Consumed:
-    """What one request did to its buckets: all or nothing for the enforced limits."""
+class Consumed(NamedTuple):
+    """What one request did to its buckets: all or nothing for the enforced limits.
+
+    (NamedTuples, here and below: made once per limited request, a dataclass's __init__
+    cost more than the arithmetic.)
+    """
 
     refused: bool  # an enforced limit had no room: nothing was taken from any bucket
     room: tuple[bool, ...]  # per check: did this bucket have room
@@ -162,6 +165,11 @@ class Consumed:
 def consume(limits: Sequence[CompiledLimit], tats: Sequence[int | None], now_us: int) -> Consumed:
     """Check every bucket, then take one token from each that has room, unless an enforced
     limit has none: then take nothing. Report-only limits without room are let through."""
+    if len(limits) == 1:  # the usual case, without the lists
+        ok, after = step(limits[0], tats[0], now_us)
+        if ok:
+            return Consumed(False, (True,), (after,))
+        return Consumed(limits[0].enforce, (False,), (tats[0],))
     room: list[bool] = []
     afters: list[int] = []
     refused = False
@@ -177,27 +185,30 @@ def consume(limits: Sequence[CompiledLimit], tats: Sequence[int | None], now_us:
     return Consumed(False, tuple(room), new)
 
 
+def level_of(limit: CompiledLimit, tat: int | None, now_us: int) -> int:
+    """How far the TAT is ahead of now (0: the bucket is full), in 1/requests µs."""
+    now = now_us * limit.requests
+    return tat - now if tat is not None and tat > now else 0
+
+
 def remaining(limit: CompiledLimit, tat: int | None, now_us: int) -> int:
     """Whole tokens in the bucket now."""
-    level = max(0, (tat or 0) - now_us * limit.requests)
-    return max(0, (limit.cap - level) // limit.window_us)
+    return max(0, (limit.cap - level_of(limit, tat, now_us)) // limit.window_us)
 
 
 def until_full_us(limit: CompiledLimit, tat: int | None, now_us: int) -> int:
     """Microseconds until the bucket is full again (0: full)."""
-    level = max(0, (tat or 0) - now_us * limit.requests)
-    return -(-level // limit.requests)
+    return -(-level_of(limit, tat, now_us) // limit.requests)
 
 
 def retry_after(limit: CompiledLimit, tat: int | None, now_us: int) -> int:
     """Whole seconds, at least 1, until this bucket has room for a request again."""
-    wait = (tat or 0) + limit.window_us - limit.cap - now_us * limit.requests
+    wait = level_of(limit, tat, now_us) + limit.window_us - limit.cap
     wait_us = -(-max(0, wait) // limit.requests)
     return max(1, -(-wait_us // 1_000_000))
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """A request's result against its limits: what the proxy answers, logs and sends as headers."""
 
     refused: bool  # an enforced limit refused: 429
@@ -221,30 +232,32 @@ class Outcome:
 
 
 def outcome(checks: Sequence[Check], consumed: Consumed, now_us: int) -> Outcome:
-    """Sum up `consume`'s result: which limit to name, and the numbers of the headers."""
-    limits = [limit for limit, _ in checks]
+    """Sum up `consume`'s result: which limit to name, and the numbers of the headers.
+
+    Named: the limit without room that the caller must wait longest for (among the enforced
+    ones when refused); when all had room, the one with the fewest tokens left (then the one
+    longest to refill).
+    """
     exceeded: CompiledLimit | None = None
-    exceeded_tat: int | None = None
     wait = 0
-    for limit, ok, tat in zip(limits, consumed.room, consumed.tats, strict=True):
-        # a refusal names the enforced limit the caller must wait longest for; report-only, the same among all
-        if not ok and (limit.enforce or not consumed.refused):
-            seconds = retry_after(limit, tat, now_us)
-            if seconds > wait:
-                exceeded, exceeded_tat, wait = limit, tat, seconds
+    shown: CompiledLimit | None = None
+    best: tuple[int, int] = (0, 0)
+    for (limit, _), ok, tat in zip(checks, consumed.room, consumed.tats, strict=True):
+        level = level_of(limit, tat, now_us)
+        if not ok:
+            if limit.enforce or not consumed.refused:
+                seconds = retry_after(limit, tat, now_us)
+                if seconds > wait:
+                    exceeded, wait, shown, best = limit, seconds, limit, (0, level)
+        elif exceeded is None:
+            tokens = (limit.cap - level) // limit.window_us
+            reset_in = -(-level // limit.requests)
+            if shown is None or (tokens, -reset_in) < (best[0], -best[1]):
+                shown, best = limit, (tokens, reset_in)
+    assert shown is not None
     if exceeded is not None:
-        shown, tat = exceeded, exceeded_tat
-    else:
-        pairs = list(zip(limits, consumed.tats, strict=True))
-        shown, tat = min(pairs, key=lambda p: (remaining(p[0], p[1], now_us), -until_full_us(p[0], p[1], now_us)))
-    return Outcome(
-        refused=consumed.refused,
-        exceeded=exceeded,
-        retry_after=wait,
-        shown=shown,
-        remaining=remaining(shown, tat, now_us),
-        reset_in_us=until_full_us(shown, tat, now_us),
-    )
+        best = (0, -(-best[1] // exceeded.requests))
+    return Outcome(consumed.refused, exceeded, wait, shown, max(0, best[0]), best[1])
 
 
 # -- what the proxy does with it -------------------------------------------------------------
