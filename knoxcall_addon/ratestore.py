@@ -348,10 +348,18 @@ class RateLimiter:
         if self.redis is not None and store == before:
             return
         self._drop_redis()
+        self.unreachable_since = None
+        self.reachable = None
+        self.last_error = ""
         if settings.rate_limit_store != "memory":
-            self.redis = RedisStore(settings.rate_limit_store, settings.rate_limit_store_timeout_ms / 1000)
-            self.unreachable_since = None
-            self.reachable = None
+            try:
+                self.redis = RedisStore(settings.rate_limit_store, settings.rate_limit_store_timeout_ms / 1000)
+            except Exception as e:  # the URL passed the loader but not redis-py: a store that is never there
+                self.unreachable_since = time.time()
+                self.last_error = f"cannot use it: {type(e).__name__}"
+                logger.warning(f"knoxcall: rate limit store {redacted_url(settings.rate_limit_store)}: "
+                               f"{self.last_error}; rate_limit_on_store_error: {settings.rate_limit_on_store_error}")
+                return
             self._start_probe(first=True)
 
     def _drop_redis(self) -> None:
@@ -387,10 +395,10 @@ class RateLimiter:
         checks = limits.checks(decision)
         if not checks:
             return decision, None
-        if self.redis is None or self.unreachable_since is not None:
-            if self.redis is not None:
-                return self._store_error(decision, checks)
+        if self.settings.rate_limit_store == "memory":
             return self._local(decision, checks)
+        if self.redis is None or self.unreachable_since is not None:
+            return self._store_error(decision, checks)
         return self._shared(self.redis, decision, checks)
 
     def _local(self, decision: Decision, checks: list[Check]) -> Checked:
@@ -415,7 +423,7 @@ class RateLimiter:
             return self._local(decision, checks)
         if policy == "allow":
             return decision, None
-        shown = self.redis.shown if self.redis else "?"
+        shown = redacted_url(self.settings.rate_limit_store)
         return unavailable_decision(decision, f"rate limit store {shown} unavailable"), None
 
     # -- health ---------------------------------------------------------------------------
@@ -494,7 +502,7 @@ class RateLimiter:
             f"{len(self.local.buckets)} buckets in this process (at most {self.local.max_buckets}; "
             f"{self.local.dropped_early} dropped before they were full)"
         )
-        if self.redis is None:
+        if self.settings.rate_limit_store == "memory":
             return [f"rate limits: {counts}; store: memory (this process), {local}"]
         if self.unreachable_since is None:
             health = "reachable" if self.reachable else "not asked yet"
@@ -505,6 +513,6 @@ class RateLimiter:
                 f"rate_limit_on_store_error: {self.settings.rate_limit_on_store_error}"
             )
         return [
-            f"rate limits: {counts}; store: {self.redis.shown} (shared), {health}",
+            f"rate limits: {counts}; store: {redacted_url(self.settings.rate_limit_store)} (shared), {health}",
             f"rate limits, local buckets: {local}",
         ]
