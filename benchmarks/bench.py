@@ -195,6 +195,30 @@ def run_load(port: int, connections: int, duration: float, warmup: float = 0.5) 
     return json.loads(out.stdout)
 
 
+def measured_run(port: int, pid: int, connections: int, duration: float) -> dict[str, Any]:
+    """run_load, plus the CPU time mitmdump spent per request.
+
+    CPU time per request is far less sensitive to other load on the machine than
+    requests/s: it counts what mitmdump spent, not what it got.
+    """
+    cpu = cpu_seconds(pid)
+    run = run_load(port, connections, duration)
+    run["cpu_us_per_request"] = (cpu_seconds(pid) - cpu) * 1e6 / max(1, run["total_requests"])
+    return run
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rounds of one variant: medians, and requests/s per round."""
+    return {
+        "rps_per_round": [round(r["rps"]) for r in runs],
+        "rps": round(statistics.median(r["rps"] for r in runs)),
+        "p50_ms": round(statistics.median(r["p50_ms"] for r in runs), 3),
+        "p99_ms": round(statistics.median(r["p99_ms"] for r in runs), 3),
+        "errors": sum(r["error_count"] for r in runs),
+        "cpu_us_per_request": round(statistics.median(r["cpu_us_per_request"] for r in runs), 1),
+    }
+
+
 # -- 1. decision microbenchmark ----------------------------------------------------------
 
 
@@ -357,24 +381,11 @@ def bench_e2e(large: Generated, work: Path, quick: bool, connections: int, rss: 
                 names = list(variants)
                 order = names[i % 3 :] + names[: i % 3]  # rotate, so that no variant always goes first
                 for name in order:
-                    port, pid = variants[name]
-                    cpu = cpu_seconds(pid)
-                    run = run_load(port, connections, duration)
-                    # CPU time per request is far less sensitive to other load on the machine
-                    # than requests/s: it counts what mitmdump spent, not what it got
-                    run["cpu_us_per_request"] = (cpu_seconds(pid) - cpu) * 1e6 / max(1, run["total_requests"])
-                    runs[name].append(run)
+                    runs[name].append(measured_run(*variants[name], connections, duration))
             rss["bare_after_load_kib"] = vm_rss_kib(bare_pid)
             rss["addon_after_load_kib"] = vm_rss_kib(addon_pid)
     for name, rs in runs.items():
-        result[name] = {
-            "rps_per_round": [round(r["rps"]) for r in rs],
-            "rps": round(statistics.median(r["rps"] for r in rs)),
-            "p50_ms": round(statistics.median(r["p50_ms"] for r in rs), 3),
-            "p99_ms": round(statistics.median(r["p99_ms"] for r in rs), 3),
-            "errors": sum(r["error_count"] for r in rs),
-            "cpu_us_per_request": round(statistics.median(r["cpu_us_per_request"] for r in rs), 1),
-        }
+        result[name] = summary(rs)
     # each round's pair is measured back to back: the median of the per-round ratios
     # cancels most of the drift caused by other load on the machine
     ratios = [a["rps"] / b["rps"] for a, b in zip(runs["addon"], runs["bare"], strict=True) if b["rps"]]
@@ -553,21 +564,10 @@ def bench_ratelimit(large: Generated, work: Path, quick: bool, connections: int)
         for i in range(rounds):
             names = list(variants)
             for name in names[i % len(names) :] + names[: i % len(names)]:
-                port, pid = variants[name]
-                cpu = cpu_seconds(pid)
-                run = run_load(port, connections, duration)
-                run["cpu_us_per_request"] = (cpu_seconds(pid) - cpu) * 1e6 / max(1, run["total_requests"])
-                runs[name].append(run)
+                runs[name].append(measured_run(*variants[name], connections, duration))
         logs = {name: (work / f"rl-{name.replace(' ', '-')}.log").read_text("utf-8", "replace") for name in variants}
     for name, rs in runs.items():
-        result[name] = {
-            "rps_per_round": [round(r["rps"]) for r in rs],
-            "rps": round(statistics.median(r["rps"] for r in rs)),
-            "p50_ms": round(statistics.median(r["p50_ms"] for r in rs), 3),
-            "p99_ms": round(statistics.median(r["p99_ms"] for r in rs), 3),
-            "errors": sum(r["error_count"] for r in rs),
-            "cpu_us_per_request": round(statistics.median(r["cpu_us_per_request"] for r in rs), 1),
-        }
+        result[name] = summary(rs)
     base = runs["no limits"]
     for name in variants:
         if name == "no limits":
