@@ -43,13 +43,8 @@ METHOD = re.compile(r"^[A-Z]+$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 TOP_LEVEL_KEYS = ("settings", "environments", "clients", "routes", "assignments", "api_keys")
-SETTINGS_KEYS = (
-    "default_environment",
-    "trusted_proxies",
-    "client_ip_header",
-    "unmatched_requests",
-    *RATE_LIMIT_SETTINGS,
-)
+SETTINGS_KEYS = ("default_environment", "trusted_proxies", "client_ip_header", "unmatched_requests")
+SETTINGS_KEYS += RATE_LIMIT_SETTINGS
 ENVIRONMENT_KEYS = ("name", "description")
 CLIENT_KEYS = ("name", "type", "ip_address", "enabled", "description", "rate_limit")
 ROUTE_KEYS = (
@@ -235,7 +230,7 @@ class _Builder:
             return None
         return value
 
-    def rate_limit(self, entry: LocatedDict, key: str, what: str, *, allow_false: bool = False) -> Any:
+    def rate_limit(self, entry: LocatedDict, key: str, what: str, allow_false: bool = False) -> Any:
         """``entry[key]`` as a RateLimit, None, or (in an environment override) False; see rateconfig."""
         limit, problems = read_rate_limit(entry, key, what, allow_false=allow_false)
         self.problems.extend(problems)
@@ -531,10 +526,8 @@ class _Builder:
             overrides[env_name] = RouteOverride(
                 target_base_url=self._target(override, f"{what} ({env_name})"),
                 allowed_methods=self._methods(override, f"{what} ({env_name})"),
-                rate_limit=self.rate_limit(override, "rate_limit", f"{what} ({env_name})", allow_false=True),
-                client_rate_limit=self.rate_limit(
-                    override, "client_rate_limit", f"{what} ({env_name})", allow_false=True
-                ),
+                rate_limit=self.rate_limit(override, "rate_limit", f"{what} ({env_name})", True),
+                client_rate_limit=self.rate_limit(override, "client_rate_limit", f"{what} ({env_name})", True),
             )
         return Route(
             name=name,
