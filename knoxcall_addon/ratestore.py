@@ -196,8 +196,8 @@ class RedisStore:
         self.shown = redacted_url(url)
         self.timeout = timeout
         self._password = _password_of(url)
-        # One immediate retry, on a new connection: after a Redis restart the pooled connections
-        # are dead, and each would otherwise fail one request. Within the same timeout.
+        # Requests go through _pipeline (which replaces a dead connection itself); the client's
+        # own commands (PING, SCRIPT LOAD) retry once at once, on a new connection.
         pool = redis.asyncio.BlockingConnectionPool.from_url(
             url,
             max_connections=MAX_CONNECTIONS,
@@ -238,9 +238,11 @@ class RedisStore:
         try:
             async with asyncio.timeout(self.timeout):
                 replies = await self._pipeline([call for call, _ in batch])
-                if any(isinstance(reply, NoScriptError) for reply in replies):  # a new or restarted Redis
+                again = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+                if again:  # a new or restarted Redis: load the script, send those calls once more
                     await self.client.script_load(STEP_SCRIPT)
-                    replies = await self._pipeline([call for call, _ in batch])
+                    for i, reply in zip(again, await self._pipeline([batch[i][0] for i in again]), strict=True):
+                        replies[i] = reply
         except BaseException as e:
             for _, future in batch:
                 if not future.done():
