@@ -9,6 +9,9 @@ Sections (``--sections``, default all):
 - ``load``: load+compile time of the large config, and the resident memory of mitmdump
   with it against bare mitmdump.
 - ``reload``: time from a config file write to the new policy deciding a request.
+- ``ratelimit``: what rate limiting costs: mitmdump with the large config and a client limit
+  that never refuses, counted in memory and in Redis (a redis-server on a free loopback port),
+  against the same config without limits, alternated round by round in one run.
 
 Everything runs on loopback; every loop is bounded in count and time.
 """
@@ -16,6 +19,7 @@ Everything runs on loopback; every loop is bounded in count and time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import ipaddress
 import json
@@ -52,7 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "knoxcall_addon" / "addon.py"
 NOOP_ADDON = ROOT / "benchmarks" / "noop_addon.py"
 BIN = Path(sys.executable).parent
-SECTIONS = ("micro", "e2e", "load", "reload")
+SECTIONS = ("micro", "e2e", "load", "reload", "ratelimit")
 # the same for bare and addon runs: reverse mode, lazy upstream connections, quiet terminal
 MITM_FLAGS = ["--set", "connection_strategy=lazy", "--set", "keep_host_header=true",
               "--set", "termlog_verbosity=warn", "--set", "flow_detail=0"]  # fmt: skip
@@ -189,6 +193,30 @@ def run_load(port: int, connections: int, duration: float, warmup: float = 0.5) 
         cwd=ROOT, capture_output=True, text=True, timeout=duration + warmup + 60, check=True,
     )  # fmt: skip
     return json.loads(out.stdout)
+
+
+def measured_run(port: int, pid: int, connections: int, duration: float) -> dict[str, Any]:
+    """run_load, plus the CPU time mitmdump spent per request.
+
+    CPU time per request is far less sensitive to other load on the machine than
+    requests/s: it counts what mitmdump spent, not what it got.
+    """
+    cpu = cpu_seconds(pid)
+    run = run_load(port, connections, duration)
+    run["cpu_us_per_request"] = (cpu_seconds(pid) - cpu) * 1e6 / max(1, run["total_requests"])
+    return run
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rounds of one variant: medians, and requests/s per round."""
+    return {
+        "rps_per_round": [round(r["rps"]) for r in runs],
+        "rps": round(statistics.median(r["rps"] for r in runs)),
+        "p50_ms": round(statistics.median(r["p50_ms"] for r in runs), 3),
+        "p99_ms": round(statistics.median(r["p99_ms"] for r in runs), 3),
+        "errors": sum(r["error_count"] for r in runs),
+        "cpu_us_per_request": round(statistics.median(r["cpu_us_per_request"] for r in runs), 1),
+    }
 
 
 # -- 1. decision microbenchmark ----------------------------------------------------------
@@ -353,24 +381,11 @@ def bench_e2e(large: Generated, work: Path, quick: bool, connections: int, rss: 
                 names = list(variants)
                 order = names[i % 3 :] + names[: i % 3]  # rotate, so that no variant always goes first
                 for name in order:
-                    port, pid = variants[name]
-                    cpu = cpu_seconds(pid)
-                    run = run_load(port, connections, duration)
-                    # CPU time per request is far less sensitive to other load on the machine
-                    # than requests/s: it counts what mitmdump spent, not what it got
-                    run["cpu_us_per_request"] = (cpu_seconds(pid) - cpu) * 1e6 / max(1, run["total_requests"])
-                    runs[name].append(run)
+                    runs[name].append(measured_run(*variants[name], connections, duration))
             rss["bare_after_load_kib"] = vm_rss_kib(bare_pid)
             rss["addon_after_load_kib"] = vm_rss_kib(addon_pid)
     for name, rs in runs.items():
-        result[name] = {
-            "rps_per_round": [round(r["rps"]) for r in rs],
-            "rps": round(statistics.median(r["rps"] for r in rs)),
-            "p50_ms": round(statistics.median(r["p50_ms"] for r in rs), 3),
-            "p99_ms": round(statistics.median(r["p99_ms"] for r in rs), 3),
-            "errors": sum(r["error_count"] for r in rs),
-            "cpu_us_per_request": round(statistics.median(r["cpu_us_per_request"] for r in rs), 1),
-        }
+        result[name] = summary(rs)
     # each round's pair is measured back to back: the median of the per-round ratios
     # cancels most of the drift caused by other load on the machine
     ratios = [a["rps"] / b["rps"] for a, b in zip(runs["addon"], runs["bare"], strict=True) if b["rps"]]
@@ -496,6 +511,78 @@ def bench_reload(large: Generated, work: Path, quick: bool) -> dict[str, Any]:
     }
 
 
+# -- 5. rate limiting ----------------------------------------------------------------------
+
+
+@contextmanager
+def redis_process(work: Path) -> Iterator[str | None]:
+    """A redis-server on a free loopback port (no persistence); None when it is not installed."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        yield None
+        return
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_port(port, proc)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop(proc)
+
+
+def limited_copy(large: Generated, folder: Path, store: str) -> Path:
+    """The large config with the loopback client limited (never tripping), counted in ``store``.
+    The big files are symlinks: the same config, only knoxcall.yaml differs."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for path in large.folder.iterdir():
+        if path.name != "knoxcall.yaml" and path.suffix == ".yaml":
+            (folder / path.name).symlink_to(path.resolve())
+    (folder / "knoxcall.yaml").write_text(bench_file(allowed=True, rate_limit_store=store))
+    return folder
+
+
+def bench_ratelimit(large: Generated, work: Path, quick: bool, connections: int) -> dict[str, Any]:
+    rounds = 3 if quick else 6
+    duration = 2.0 if quick else 3.0
+    result: dict[str, Any] = {"connections": connections, "rounds": rounds, "seconds_per_round": duration}
+    with upstream_process() as up, redis_process(work) as redis_url, contextlib.ExitStack() as stack:
+        folders = {"no limits": large.folder, "memory": limited_copy(large, work / "rl-memory", "memory")}
+        if redis_url:
+            folders["redis"] = limited_copy(large, work / "rl-redis", redis_url)
+        else:
+            result["redis_note"] = "redis-server is not installed (apt-get install redis-server): not measured"
+        variants = {
+            name: stack.enter_context(mitmdump(up, folder, work / f"rl-{name.replace(' ', '-')}.log"))
+            for name, folder in folders.items()
+        }
+        for port, _ in variants.values():
+            run_load(port, connections, 1.0)  # first-use costs out of the way
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+        for i in range(rounds):
+            names = list(variants)
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                runs[name].append(measured_run(*variants[name], connections, duration))
+        logs = {name: (work / f"rl-{name.replace(' ', '-')}.log").read_text("utf-8", "replace") for name in variants}
+    for name, rs in runs.items():
+        result[name] = summary(rs)
+    base = runs["no limits"]
+    for name in variants:
+        if name == "no limits":
+            continue
+        ratios = [a["rps"] / b["rps"] for a, b in zip(runs[name], base, strict=True) if b["rps"]]
+        result[name]["throughput_ratio_per_round"] = [round(r, 3) for r in ratios]
+        result[name]["throughput_ratio"] = round(statistics.median(ratios), 3) if ratios else None
+        result[name]["extra_cpu_us_per_request"] = round(
+            result[name]["cpu_us_per_request"] - result["no limits"]["cpu_us_per_request"], 1
+        )
+        # the limit never trips: a 429 or a fallback to local buckets would make the figures meaningless
+        result[name]["store_warnings"] = logs[name].count("unreachable")
+    return result
+
+
 # -- report ------------------------------------------------------------------------------
 
 
@@ -553,6 +640,25 @@ def print_table(report: dict[str, Any]) -> None:
             print(f"of which loading and compiling, as the reloader logged it: {r['load_ms_in_reloader']} ms")
             reloads = len(r["load_ms_in_reloader"])
             print(f"RSS of that mitmdump after these {reloads} reloads: {r['rss_after_reloads_mb']} MB")
+    if "ratelimit" in report:
+        r = report["ratelimit"]
+        rounds = f"{r['rounds']} alternated rounds of {r['seconds_per_round']} s"
+        print(f"\n5. rate limiting: a client limit that never trips, against the same config without limits "
+              f"({r['connections']} connections, {rounds})")  # fmt: skip
+        for name in ("no limits", "memory", "redis"):
+            if name not in r:
+                continue
+            v = r[name]
+            line = (f"{name:<10} {v['rps']:>7} req/s  p50 {v['p50_ms']:.3f} ms  p99 {v['p99_ms']:.3f} ms  "
+                    f"CPU {v['cpu_us_per_request']} µs/req  rounds {v['rps_per_round']}")  # fmt: skip
+            line += f"  errors {v['errors']}"
+            if "throughput_ratio" in v:
+                line += (f"\n{'':<10} throughput ratio {v['throughput_ratio']} (per round "
+                         f"{v['throughput_ratio_per_round']}), +{v['extra_cpu_us_per_request']} µs CPU per request, "
+                         f"store warnings {v['store_warnings']}")  # fmt: skip
+            print(line)
+        if "redis_note" in r:
+            print(r["redis_note"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -591,6 +697,8 @@ def main(argv: list[str] | None = None) -> int:
             report["load"] = bench_load(large, work, args.quick, rss)
         if "reload" in sections:
             report["reload"] = bench_reload(large, work, args.quick)
+        if "ratelimit" in sections:
+            report["ratelimit"] = bench_ratelimit(large, work, args.quick, args.connections)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -102,20 +102,24 @@ def generate(
     return Generated(folder, client_list, route_names, assignments, total)
 
 
-def bench_file(*, allowed: bool, client: str = BENCH_CLIENT) -> str:
+def bench_file(*, allowed: bool, client: str = BENCH_CLIENT, rate_limit_store: str | None = None) -> str:
     """The small file the end-to-end and reload sections use: the loopback client and its route
     (no target: requests go to mitmdump's reverse-mode upstream, as without the addon).
 
     ``allowed=False`` assigns the route to nobody, so that a reload flips loopback callers to 403.
     ``client`` names another client to assign (defined elsewhere, e.g. by big_file_client).
+    ``rate_limit_store`` (memory or a Redis URL) gives the loopback client a rate limit high
+    enough never to refuse anything, counted in that store.
     """
     assigned = f"[{client}]" if allowed else "[]"
     envs = "\n".join(f"  - name: {e}" for e in ENVIRONMENTS)
     per_env = "\n".join(f"    {e}: {assigned}" for e in ENVIRONMENTS)
+    store = f'  rate_limit_store: "{rate_limit_store}"\n' if rate_limit_store else ""
+    limit = "    rate_limit: {requests: 1000000000, window_sec: 1}\n" if rate_limit_store else ""
     return (
-        "settings:\n  default_environment: production\n"
+        f"settings:\n  default_environment: production\n{store}"
         f"environments:\n{envs}\n"
-        f'clients:\n  - name: {BENCH_CLIENT}\n    ip_address: [127.0.0.0/8, "::1"]\n'
+        f'clients:\n  - name: {BENCH_CLIENT}\n    ip_address: [127.0.0.0/8, "::1"]\n{limit}'
         f"routes:\n  - name: {BENCH_ROUTE}\n"
         f"assignments:\n  {BENCH_ROUTE}:\n{per_env}\n"
     )

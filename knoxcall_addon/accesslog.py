@@ -28,6 +28,7 @@ ACCESS_LOG_FIELDS = (
     "user_agent",
     "latency_ms",
     "config_version",
+    "rate_limit",
 )
 
 

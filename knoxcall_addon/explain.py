@@ -15,6 +15,7 @@ from knoxcall_addon.decision import ENVIRONMENT_HEADER, KEY_HEADER, ROUTE_HEADER
 from knoxcall_addon.ipmatch import parse_ip
 from knoxcall_addon.model import Client, IPAddress, IPNetwork
 from knoxcall_addon.policy import Policy
+from knoxcall_addon.ratelimit import explain_lines
 
 NEAR_MISS_LIMIT = 10  # near misses listed at most; a lookup can cover many clients
 
@@ -126,6 +127,7 @@ def explain(policy: Policy, facts: RequestFacts) -> Explanation:
         lines += _near_misses_of(policy, decision)
     elif decision.reason in _REFUSED_BEFORE_THE_IP_CHECK:
         lines += _ip_check_alone(policy, facts, decision)
+    lines += explain_lines(policy.rate_limits, decision)
     return Explanation(facts, decision, matched, lines)
 
 

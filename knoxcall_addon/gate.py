@@ -295,6 +295,8 @@ def denial_response(decision: Decision, request_id: str, method: str = "GET") ->
     }
     if decision.allow_methods:
         headers["Allow"] = ", ".join(decision.allow_methods)
+    if decision.status == 429:  # rate limited
+        headers["Retry-After"] = str(decision.body.get("retry_after", 1))
     # A response to HEAD has no body, and mitmproxy sends whatever content a response made
     # by an addon has: the body's bytes would be read as the start of the next response
     # on a keep-alive connection.

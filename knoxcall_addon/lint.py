@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from knoxcall_addon.model import Client, Config, IPNetwork, Location, pack_network
+from knoxcall_addon.rateconfig import unreachable_limits
 
 Severity = Literal["error", "warning"]
 
@@ -38,6 +39,7 @@ RULES: dict[str, str] = {
     "overlapping-range": "ranges of different clients overlap",
     "trusted-proxies": "trusted_proxies holding every address (error) or a very wide range (warning)",
     "test-key": "an enabled test key (it skips the client check outside the default environment)",
+    "unreachable-limit": "a rate limit that can never refuse: an enforced limit on the same requests is as strict",
 }
 
 
@@ -81,6 +83,7 @@ def lint(config: Config) -> list[Finding]:
         for key in config.api_keys.values()
         if key.type == "test" and key.enabled
     ]
+    findings += [Finding(where, "warning", "unreachable-limit", text) for where, text in unreachable_limits(config)]
     return sorted(findings)
 
 

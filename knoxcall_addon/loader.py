@@ -34,6 +34,7 @@ from knoxcall_addon.model import (
     shown,
 )
 from knoxcall_addon.networks import pack_networks, pack_plain_network
+from knoxcall_addon.rateconfig import RATE_LIMIT_SETTINGS, read_rate_limit, read_rate_limit_settings
 from knoxcall_addon.yamlsource import YAML_SUFFIXES, LocatedDict, LocatedList, elide, read_folder
 
 ENVIRONMENT_NAME = re.compile(r"^[a-z0-9_-]+$")
@@ -44,8 +45,9 @@ SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 TOP_LEVEL_KEYS = ("settings", "environments", "clients", "routes", "assignments", "api_keys")
 SETTINGS_KEYS = ("default_environment", "trusted_proxies", "client_ip_header", "unmatched_requests")
+SETTINGS_KEYS += RATE_LIMIT_SETTINGS
 ENVIRONMENT_KEYS = ("name", "description")
-CLIENT_KEYS = ("name", "type", "ip_address", "enabled", "description")
+CLIENT_KEYS = ("name", "type", "ip_address", "enabled", "description", "rate_limit")
 ROUTE_KEYS = (
     "name",
     "target_base_url",
@@ -56,9 +58,11 @@ ROUTE_KEYS = (
     "match",
     "environments",
     "description",
+    "rate_limit",
+    "client_rate_limit",
 )
 MATCH_KEYS = ("hosts", "path_prefix")
-OVERRIDE_KEYS = ("target_base_url", "allowed_methods")
+OVERRIDE_KEYS = ("target_base_url", "allowed_methods", "rate_limit", "client_rate_limit")
 API_KEY_KEYS = ("name", "key_sha256", "type", "enabled", "description")
 
 _MISSING = object()
@@ -165,6 +169,12 @@ class _Builder:
             )
             return None
         return value
+
+    def rate_limit(self, entry: LocatedDict, key: str, what: str, allow_false: bool = False) -> Any:
+        """``entry[key]`` as a RateLimit, None, or (in an environment override) False; see rateconfig."""
+        limit, problems = read_rate_limit(entry, key, what, allow_false=allow_false)
+        self.problems.extend(problems)
+        return limit
 
     def name_field(self, entry: LocatedDict, what: str, pattern: re.Pattern[str]) -> str | None:
         name = self.field(entry, "name", str, what=what)
@@ -316,11 +326,14 @@ class _Builder:
         proxies = NetworkSet()
         if "trusted_proxies" in values:
             proxies = self._networks(values["trusted_proxies"], where["trusted_proxies"], "trusted_proxies")
+        rate_limit_settings, problems = read_rate_limit_settings(values, where)
+        self.problems.extend(problems)
         return Settings(
             default_environment=default_env,
             trusted_proxies=tuple(proxies),
             client_ip_header=header,
             unmatched_requests=unmatched,
+            **rate_limit_settings,
         )
 
     def _first_file(self) -> str:
@@ -385,6 +398,7 @@ class _Builder:
             enabled=bool(enabled) if enabled is not None else True,
             description=description or "",
             location=entry.location,
+            rate_limit=self.rate_limit(entry, "rate_limit", what),
         )
 
     def _methods(self, entry: LocatedDict, what: str) -> frozenset[str] | None:
@@ -477,6 +491,8 @@ class _Builder:
             overrides[env_name] = RouteOverride(
                 target_base_url=self._target(override, f"{what} ({cut(env_name)})"),
                 allowed_methods=self._methods(override, f"{what} ({cut(env_name)})"),
+                rate_limit=self.rate_limit(override, "rate_limit", f"{what} ({cut(env_name)})", True),
+                client_rate_limit=self.rate_limit(override, "client_rate_limit", f"{what} ({cut(env_name)})", True),
             )
         return Route(
             name=name,
@@ -489,6 +505,8 @@ class _Builder:
             environments=overrides,
             description=self.field(entry, "description", str, "", what) or "",
             location=entry.location,
+            rate_limit=self.rate_limit(entry, "rate_limit", what),
+            client_rate_limit=self.rate_limit(entry, "client_rate_limit", what),
         )
 
     def _api_key(self, entry: LocatedDict, name: str) -> ApiKey | None:

@@ -15,6 +15,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 ClientType = Literal["server", "user"]
 KeyType = Literal["live", "test"]
 UnmatchedPolicy = Literal["deny", "allow"]
+RateLimitMode = Literal["enforce", "report"]
+StoreErrorPolicy = Literal["local", "allow", "deny"]
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -106,6 +108,25 @@ class Settings:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     client_ip_header: str = "X-Forwarded-For"
     unmatched_requests: UnmatchedPolicy = "deny"
+    # rate limits (see ratelimit.py); the store URL may hold a password: never shown (repr=False)
+    rate_limit_store: str = field(default="memory", repr=False)
+    rate_limit_headers: bool = True
+    rate_limit_on_store_error: StoreErrorPolicy = "local"
+    rate_limit_store_timeout_ms: float = 50.0
+    rate_limit_max_buckets: int = 100_000
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """A token bucket: capacity ``burst``, refilled at ``requests / window_sec`` per second.
+
+    ``report``: never refuses, only says who would have been refused.
+    """
+
+    requests: int
+    window_sec: float
+    burst: int
+    mode: RateLimitMode = "enforce"
 
 
 @dataclass(frozen=True)
@@ -205,6 +226,7 @@ class Client:
     enabled: bool = True
     description: str = ""
     location: Location = Location("", 0)
+    rate_limit: RateLimit | None = None  # this client, over all routes and environments
 
     def __post_init__(self) -> None:
         if not isinstance(self.networks, NetworkSet):  # e.g. a tuple of ipaddress networks
@@ -225,6 +247,9 @@ class RouteOverride:
 
     target_base_url: str | None = None
     allowed_methods: frozenset[str] | None = None
+    # rate limits: None uses the route's, False removes it, a RateLimit replaces it
+    rate_limit: RateLimit | Literal[False] | None = None
+    client_rate_limit: RateLimit | Literal[False] | None = None
 
 
 @dataclass(frozen=True)
@@ -239,6 +264,8 @@ class Route:
     environments: Mapping[str, RouteOverride] = field(default_factory=dict)
     description: str = ""
     location: Location = Location("", 0)
+    rate_limit: RateLimit | None = None  # the whole route, all callers together (per environment)
+    client_rate_limit: RateLimit | None = None  # each caller on this route (per environment)
 
     def target_for(self, environment: str) -> str | None:
         override = self.environments.get(environment)
@@ -251,6 +278,18 @@ class Route:
         if override and override.allowed_methods is not None:
             return override.allowed_methods
         return self.allowed_methods
+
+    def rate_limit_for(self, environment: str) -> RateLimit | None:
+        override = self.environments.get(environment)
+        if override and override.rate_limit is not None:
+            return override.rate_limit or None
+        return self.rate_limit
+
+    def client_rate_limit_for(self, environment: str) -> RateLimit | None:
+        override = self.environments.get(environment)
+        if override and override.client_rate_limit is not None:
+            return override.client_rate_limit or None
+        return self.client_rate_limit
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from knoxcall_addon import yamlsource
 from knoxcall_addon.ipmatch import RangeIndex
 from knoxcall_addon.loader import load_config
 from knoxcall_addon.model import ApiKey, Config, ConfigError, NetworkSet, Problem, Route
+from knoxcall_addon.ratelimit import RateLimits
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,7 @@ class Policy:
         self.enabled_keys: tuple[ApiKey, ...] = tuple(k for k in config.api_keys.values() if k.enabled)
         self.any_open_route = any(r.enabled and not r.requires_clients for r in config.routes.values())
         self.any_test_key = any(k.type == "test" for k in self.enabled_keys)
+        self.rate_limits = RateLimits(config)
         if self.route_table.problems:
             raise ConfigError(self.route_table.problems)
 

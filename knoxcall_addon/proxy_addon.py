@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -45,6 +45,8 @@ from knoxcall_addon.gate import (
 )
 from knoxcall_addon.model import ConfigError
 from knoxcall_addon.policy import Policy, load_policy
+from knoxcall_addon.ratelimit import header_fields
+from knoxcall_addon.ratestore import Checked, RateLimiter
 from knoxcall_addon.reloader import HotReload, release_free_memory
 from knoxcall_addon.status import LoadedPolicy, status_lines
 
@@ -68,6 +70,7 @@ class KnoxCall:
         self._refused: set[str] = set()  # ids of client connections whose raw flows were refused
         self.streaming_bodies = False  # stream_large_bodies is set: denied bodies may be streamed
         self._killed: set[str] = set()  # ids of client connections whose HTTP flow we killed
+        self.limiter = RateLimiter()  # rate limits: the store and its buckets outlive reloads
 
     # -- options -----------------------------------------------------------------------
 
@@ -151,6 +154,7 @@ class KnoxCall:
         stays one line: the event log is the audit trail of policy changes.
         """
         self.current = LoadedPolicy(policy, time.time())
+        self.limiter.install(policy.rate_limits, policy.settings)
         launchguard.activate(self)  # a policy in force: our hooks decide; until then the guard refuses all
         config = policy.config
         logger.info(
@@ -193,6 +197,7 @@ class KnoxCall:
     def status_command(self) -> str:
         """Config folder, version, counts, hot reload state and the last reload error."""
         lines = [*launchguard.status_lines(self), *status_lines(self.current, self.reload, self._reload_enabled)]
+        lines.extend(self.limiter.status_lines())
         monitor = ctx.master.addons.get("connectivitymonitor")
         monitor_lines = getattr(monitor, "status_lines", None)
         if callable(monitor_lines):
@@ -214,6 +219,7 @@ class KnoxCall:
         if self.access_log:
             self.access_log.close()
             self.access_log = None
+        self.limiter.stop()
 
     @command.command("knoxcall.explain")
     def explain(self, ip: str, route: str, env: str = "") -> str:
@@ -224,37 +230,83 @@ class KnoxCall:
 
     # -- HTTP --------------------------------------------------------------------------
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        """Decide as soon as the headers are in, before any body is read or forwarded."""
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """Decide as soon as the headers are in, before any body is read or forwarded.
+
+        Returns an awaitable only when a shared rate limit store must be asked: mitmproxy
+        awaits it before it goes on with this flow (and only this flow).
+        """
         if flow.response or flow.error:
-            return
+            return None
         # refusing_on_error spelled out: this runs once per request, the context manager
         # cost a microsecond each time
         try:
-            self._decide_request(flow)
+            return self._decide_request(flow)
         except Exception:
             logger.exception("knoxcall: unexpected error while deciding a request; refusing it")
             self._refuse_request(flow, internal_error_response(flow))
+            return None
 
-    def _decide_request(self, flow: http.HTTPFlow) -> None:
+    def _decide_request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         # A replayed flow (mitmweb's "replay") passes here again and is decided again.
         request_id = new_request_id()
         request = flow.request
         # what the caller sent, before forward() re-targets the request
         method = request.method
         path = request.path
+        rate_limit = None
         try:
             policy = self._policy()
             facts, caller_host, user_agent = read_request(flow, policy, method, path)
-            decision = decide(policy, facts)
+            # rate limits last: a request refused by any other check takes no token
+            checked = self.limiter.check(policy.rate_limits, decide(policy, facts))
+            if not isinstance(checked, tuple):
+                seen = (request_id, method, caller_host, path, user_agent)
+                return self._decide_later(flow, checked, policy, seen)
+            decision, rate_limit = checked
             if decision.allowed:
                 forward(flow, decision, policy)
         except Exception as e:
-            logger.exception(f"knoxcall: error while deciding request {request_id}; denying it")
-            peer = peer_host(flow)
-            decision = internal_error(peer, peer, f"{type(e).__name__}: {e}", self._version())
+            decision = self._internal_error(flow, request_id, e)
             caller_host = requested_host(request)
             user_agent = request.headers.get("user-agent")
+        self._settle(flow, decision, rate_limit, request_id, method, caller_host, path, user_agent)
+        return None
+
+    async def _decide_later(
+        self, flow: http.HTTPFlow, checked: Awaitable[Checked], policy: Policy, seen: tuple[Any, ...]
+    ) -> None:
+        """The rest of `_decide_request` once the rate limit store has answered; fails closed too."""
+        try:
+            try:
+                decision, rate_limit = await checked
+                if decision.allowed:
+                    forward(flow, decision, policy)
+            except Exception as e:
+                decision, rate_limit = self._internal_error(flow, seen[0], e), None
+            self._settle(flow, decision, rate_limit, *seen)
+        except Exception:
+            logger.exception("knoxcall: unexpected error while deciding a request; refusing it")
+            self._refuse_request(flow, internal_error_response(flow))
+
+    def _internal_error(self, flow: http.HTTPFlow, request_id: str, error: Exception) -> Decision:
+        logger.exception(f"knoxcall: error while deciding request {request_id}; denying it")
+        peer = peer_host(flow)
+        return internal_error(peer, peer, f"{type(error).__name__}: {error}", self._version())
+
+    def _settle(
+        self,
+        flow: http.HTTPFlow,
+        decision: Decision,
+        rate_limit: dict[str, Any] | None,
+        request_id: str,
+        method: str,
+        caller_host: str,
+        path: str,
+        user_agent: str | None,
+    ) -> None:
+        """Log and annotate a decided request; answer it if refused."""
+        request = flow.request
         meta = {
             "request_id": request_id,
             "method": method,
@@ -262,6 +314,7 @@ class KnoxCall:
             "path": path,
             "user_agent": user_agent,
             **decision.fields(),
+            "rate_limit": rate_limit,
         }
         line = self._log_decision(decision, request_id)
         self._annotate(flow, decision, meta, line)
@@ -308,6 +361,9 @@ class KnoxCall:
         if meta and flow.response is not None:
             headers = flow.response.headers
             fields = headers.fields
+            rate_limit = meta.get("rate_limit")
+            if rate_limit is not None and self.limiter.settings.rate_limit_headers:
+                headers.fields = fields = fields + header_fields(rate_limit, fields)
             for name, _ in fields:
                 if name.lower() == REQUEST_ID_BYTES:  # an upstream sent one: ours replaces it
                     headers[REQUEST_ID_HEADER] = meta["request_id"]

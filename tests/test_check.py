@@ -227,6 +227,20 @@ def test_missing_folder_is_an_error(tmp_path):
             base(api_keys=[{"name": "ci", "key_sha256": SHA, "type": "test"}]),
             ("test-key", "warning"),
         ),
+        (
+            "per-caller limit above the whole route's",
+            base(
+                routes=[
+                    {
+                        "name": "api",
+                        "target_base_url": "http://127.0.0.1:9",
+                        "rate_limit": {"requests": 10, "window_sec": 1},
+                        "client_rate_limit": {"requests": 20, "window_sec": 1},
+                    }
+                ]
+            ),
+            ("unreachable-limit", "warning"),
+        ),
     ],
 )
 def test_each_rule_fires_on_a_config_made_for_it(make_config, name, data, expected):
