@@ -838,4 +838,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM as an exception: the mitmdumps and servers started are stopped on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(main())

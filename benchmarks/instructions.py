@@ -401,5 +401,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM as an exception: the mitmdumps and servers started are stopped on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     os.chdir(ROOT)
     sys.exit(main())

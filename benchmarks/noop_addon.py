@@ -34,4 +34,12 @@ def mirror(addon: object) -> object:
     return noop
 
 
-addons = [mirror(a) for a in knoxcall_script.addons]
+def _module_nothing(*args: Any) -> None:
+    return None
+
+
+for _name in hooks.all_hooks:
+    if callable(getattr(knoxcall_script, _name, None)):
+        globals()[_name] = _module_nothing
+if hasattr(knoxcall_script, "addons"):
+    addons = [mirror(a) for a in knoxcall_script.addons]

@@ -20,6 +20,7 @@ MAX_TARGET_LENGTH = 8192  # characters of path and query; longer targets are ref
 # (path parameters, read by some servers as part of a segment and by others as not).
 # Anything else, "//", a "." or ".." segment, or a "%" sends the path to the full check.
 _SUSPECT = re.compile(r"[^A-Za-z0-9\-._~!$&'()*+,=:@/%]|//|/\.\.?(?:/|$)|%")
+_PLAIN_PATH_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,=:@/")
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 # Bytes that must never be hidden in an escape: they change how a path is cut into
 # segments, or how it is decoded again (%25), in some upstream.
@@ -39,6 +40,10 @@ def path_problem(target: str) -> str | None:
     path = target.partition("?")[0]
     if not path.startswith("/"):
         return "the path does not start with '/'"
+    # The usual path, without the regex: only characters it lets through (no "%"), and
+    # neither "//" nor "/." (which every dot segment starts with): _SUSPECT finds nothing.
+    if _PLAIN_PATH_CHARS.issuperset(path) and "//" not in path and "/." not in path:
+        return None
     if _SUSPECT.search(path) is None:
         return None
     return _full_path_check(path)
@@ -167,6 +172,7 @@ def _remembered(cache: dict[str, str | None], key: str, value: str | None) -> st
 
 
 _METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an RFC 9110 token
+_COMMON_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
 def method_problem(method: str) -> str | None:
@@ -175,6 +181,8 @@ def method_problem(method: str) -> str | None:
     Methods are case-sensitive: ``post`` is not ``POST`` to an upstream, so it is not
     allowed as ``POST`` here either (``allowed_methods`` are compared as sent).
     """
+    if method in _COMMON_METHODS:  # tokens all: no regex for the usual ones
+        return None
     if _METHOD.fullmatch(method) is None:
         return "the method is not an HTTP token"
     return None

@@ -149,6 +149,28 @@ class Decision:
         }
 
 
+# id(decision) -> (decision, its summary line); see summary_of
+_summaries: dict[int, tuple[Decision, str]] = {}
+_SUMMARIES_KEPT = 1024
+
+
+def summary_of(decision: Decision) -> str:
+    """``decision.summary()``, made once per decision object.
+
+    decide() hands out its remembered decisions again and again, and each request's log
+    line and flow comment start with the summary. A decision never changes, so its summary
+    does not either; the decision is kept with it, so that its id is not reused meanwhile.
+    """
+    known = _summaries.get(id(decision))
+    if known is not None and known[0] is decision:
+        return known[1]
+    line = decision.summary()
+    if len(_summaries) >= _SUMMARIES_KEPT:
+        _summaries.clear()
+    _summaries[id(decision)] = (decision, line)
+    return line
+
+
 def resolve_client_ip(
     policy: Policy, peer: str, forwarded_for: tuple[str, ...]
 ) -> tuple[IPAddress | None, IPAddress | None]:
@@ -202,7 +224,74 @@ def _parsed_peer(peer: str) -> tuple[IPAddress | None, str | None]:
 
 
 def decide(policy: Policy, facts: RequestFacts) -> Decision:
-    """The decision for one HTTP request, in the documented order of checks."""
+    """The decision for one HTTP request, in the documented order of checks (`decide_plain`).
+
+    Remembered per policy when it does not depend on the path beyond its spelling: a
+    request that names its route (x-knoxcall-route), carries no API key, and whose route
+    has no ``match`` (or is unknown or disabled). Callers send many such requests with the
+    same peer, method, host, route and environment; each still has its path checked
+    (step 2, the only step before the route that reads it), then gets the decision made
+    for the first. A decision is immutable, so it is shared. Requests with a key are never
+    remembered: a lookup by the secret would not take constant time (see find_key).
+    """
+    if facts.route is None or facts.api_key is not None or facts.api_key_name is not None:
+        return decide_plain(policy, facts)
+    key = (facts.peer, facts.method, facts.host, facts.route, facts.environment, facts.forwarded_for,
+           facts.other_hosts, facts.bad_authority)  # fmt: skip
+    known = policy.decisions.get(key)
+    path = facts.path
+    if known is not None and len(path) <= MAX_TARGET_LENGTH and path_problem(path) is None:
+        return known
+    return _remembered(policy, key, facts)
+
+
+def decide_values(
+    policy: Policy,
+    peer: str,
+    method: str,
+    host: str,
+    path: str,
+    route: str | None,
+    environment: str | None,
+    api_key: str | None,
+    forwarded_for: tuple[str, ...],
+    other_hosts: tuple[str, ...],
+    bad_authority: str | None,
+) -> Decision:
+    """``decide(policy, request_facts_of(...))``, without making the facts for a remembered
+    decision (the proxy's way: a third of what reading a request cost was making them)."""
+    if route is not None and api_key is None:
+        key = (peer, method, host, route, environment, forwarded_for, other_hosts, bad_authority)
+        known = policy.decisions.get(key)
+        if known is not None and len(path) <= MAX_TARGET_LENGTH and path_problem(path) is None:
+            return known
+        facts = request_facts_of(peer, method, host, path, route, environment, api_key, forwarded_for, other_hosts,
+                                 bad_authority)  # fmt: skip
+        return _remembered(policy, key, facts)
+    facts = request_facts_of(peer, method, host, path, route, environment, api_key, forwarded_for, other_hosts,
+                             bad_authority)  # fmt: skip
+    return decide_plain(policy, facts)
+
+
+def _remembered(policy: Policy, key: tuple[object, ...], facts: RequestFacts) -> Decision:
+    """decide_plain's decision, kept under ``key`` when the path played no part in it (see decide)."""
+    decision = decide_plain(policy, facts)
+    if decision.reason not in _PATH_REASONS:
+        route = policy.routes.get(facts.route)  # type: ignore[arg-type]
+        if route is None or not route.enabled or route.match is None:  # else the path chose it (_fits)
+            remembered = policy.decisions
+            if len(remembered) >= _DECISIONS_KEPT:
+                remembered.clear()
+            remembered[key] = decision
+    return decision
+
+
+_PATH_REASONS = frozenset({"uri_too_long", "path_not_canonical"})
+_DECISIONS_KEPT = 4096  # per policy; emptied when full (a flood of distinct callers)
+
+
+def decide_plain(policy: Policy, facts: RequestFacts) -> Decision:
+    """The decision for one HTTP request, in the documented order of checks, made afresh."""
     settings = policy.settings
     peer_ip, peer_ip_text = _parsed_peer(facts.peer)
     if facts.forwarded_for:  # only then can a trusted proxy name another client

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from knoxcall_addon.decision import Decision
+from knoxcall_addon.decision import Decision, summary_of
 
 logger = logging.getLogger("knoxcall")
 
@@ -72,7 +72,7 @@ def _taken(level: int) -> bool:
 
 def log_decision(decision: Decision, request_id: str) -> str:
     """Write the event log line of a decision; return it (it is also the flow's comment)."""
-    line = f"{decision.summary()} id={request_id}"
+    line = f"{summary_of(decision)} id={request_id}"
     if decision.reason == "internal_error":
         logger.error(line)
     else:

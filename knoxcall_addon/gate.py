@@ -23,10 +23,12 @@ from knoxcall_addon.decision import (
     ROUTE_HEADER,
     Decision,
     RequestFacts,
+    decide_values,
     request_facts_of,
 )
 from knoxcall_addon.ipmatch import parse_ip
 from knoxcall_addon.policy import Policy
+from knoxcall_addon.ratelimit import HEADER_NAMES as RATE_LIMIT_HEADER_NAMES
 
 _PREFIX_BYTES = HEADER_PREFIX.encode()
 _XFF_BYTES = b"x-forwarded-for"
@@ -67,7 +69,7 @@ def new_request_id() -> str:
     restarts differ by their random half.
     """
     n = next(_request_counter) * _REQUEST_ID_FACTOR + _REQUEST_ID_OFFSET
-    return f"{_REQUEST_ID_PREFIX}{n & 0xFFFFFFFFFFFFFFFF:016x}"
+    return _REQUEST_ID_PREFIX + (n & 0xFFFFFFFFFFFFFFFF).to_bytes(8).hex()  # f"{...:016x}", cheaper
 
 
 def peer_host(flow: Any) -> str:
@@ -95,86 +97,198 @@ def read_request(
     The caller host is `requested_host`'s; ``method`` and ``path`` are the request's, when
     the caller has read them already.
     """
+    values = _read(flow, policy, method, path)
+    return request_facts_of(*values[:10]), values[10], values[11]
+
+
+def decide_request(
+    flow: http.HTTPFlow, policy: Policy, method: str, path: str
+) -> tuple[Decision, str, str | None]:
+    """``decide(policy, facts)`` and the rest of `read_request`'s answer: what the proxy does
+    per request, without making the facts when the decision is remembered (decide_values)."""
+    values = _read(flow, policy, method, path)
+    return decide_values(policy, *values[:10]), values[10], values[11]
+
+
+def _read(flow: http.HTTPFlow, policy: Policy, method: str | None, path: str | None) -> tuple[Any, ...]:
+    """`request_facts_of`'s ten arguments, then the caller host and the User-Agent."""
     request = flow.request
     # One pass over the raw fields instead of a Headers lookup per name (each a full scan).
     # Same values as headers.get (repeated headers folded with ", ") and get_all.
     # (lists made only for the names present: fewer objects per request for the GC)
-    forwarded_name = policy.settings.client_ip_header.lower().encode("utf-8", "surrogateescape")
-    ours: dict[bytes, list[bytes]] | None = None
+    header = policy.settings.client_ip_header
+    forwarded_name = _FORWARDED_NAMES.get(header)
+    if forwarded_name is None:
+        forwarded_name = header.lower().encode("utf-8", "surrogateescape")
+        if len(_FORWARDED_NAMES) < 64:
+            _FORWARDED_NAMES[header] = forwarded_name
     forwarded: list[str] | None = None
-    host_fields: list[bytes] | None = None
-    agents: list[bytes] | None = None
+    found: dict[bytes, list[bytes]] | None = None  # the values of the _WANTED names present
     for name, value in request.headers.fields:
         lower = name.lower()
         if lower == forwarded_name:
             if forwarded is None:
                 forwarded = []
             forwarded.append(value.decode("utf-8", "surrogateescape"))
-        if lower.startswith(_PREFIX_BYTES):
-            if ours is None:
-                ours = {}
-            if lower in ours:
-                ours[lower].append(value)
+        if lower in _WANTED:
+            if found is None:
+                found = {lower: [value]}
+            elif lower in found:
+                found[lower].append(value)
             else:
-                ours[lower] = [value]
-        elif lower == b"host":
-            if host_fields is None:
-                host_fields = []
-            host_fields.append(value)
-        elif lower == b"user-agent":
-            if agents is None:
-                agents = []
-            agents.append(value)
-    if ours is None:
-        ours = _NONE_OF_OURS
-    http2 = request.is_http2 or request.is_http3
-    # request.host_header, from the fields read above
-    host_header = (request.authority or _folded(host_fields)) if http2 else _folded(host_fields)
-    caller_host = _authority_host(host_header) if host_header else request.host
-    # Exactly host[:port], or the request is refused (decide() reads bad_authority first).
-    bad_authority = host_header if host_header and authority_host(host_header) is None else None
-    mode = flow.client_conn.proxy_mode
-    others: list[str] = []
-    if http2 and request.authority and host_fields:
-        others.append(_folded(host_fields) or "")  # :authority and Host: one host, or refused
-    if isinstance(mode, mode_specs.ReverseMode):
+                found[lower] = [value]
+    if found is None:
+        host_fields = agents = route = environment = api_key = None
+    else:
+        host_fields = found.get(b"host")
+        agents = found.get(b"user-agent")
+        route_values = found.get(_ROUTE_BYTES)
+        if route_values is not None and len(route_values) == 1:  # _folded inline: the rule
+            route = route_values[0].decode("utf-8", "surrogateescape")
+        else:
+            route = _folded(route_values)
+        environment = _folded(found[_ENVIRONMENT_BYTES]) if _ENVIRONMENT_BYTES in found else None
+        api_key = _folded(found[_KEY_BYTES]) if _KEY_BYTES in found else None
+    version = request.data.http_version
+    http2 = version == b"HTTP/2.0" or version == b"HTTP/3"  # request.is_http2 or request.is_http3
+    # request.host_header, from the fields read above (_folded inline: one Host field is the rule)
+    if host_fields is not None and len(host_fields) == 1:
+        host_text: str | None = host_fields[0].decode("utf-8", "surrogateescape")
+    else:
+        host_text = _folded(host_fields)
+    host_header = (request.authority or host_text) if http2 else host_text
+    if host_header:
+        canonical = authority_host(host_header)
+        # Exactly host[:port], or the request is refused (decide() reads bad_authority first).
+        bad_authority = None if canonical is not None else host_header
+        if "[" not in host_header and host_header.count(":") <= 1:  # _authority_host's common case
+            caller_host = host_header.partition(":")[0]
+        else:
+            caller_host = _authority_host(host_header)
+    else:
+        canonical = bad_authority = None
+        caller_host = request.host
+    client = flow.client_conn
+    mode = client.proxy_mode
+    others: list[str] | None = None
+    if http2 and host_fields and request.authority:
+        others = [host_text or ""]  # :authority and Host: one host, or refused
+    if type(mode) is _ReverseMode or isinstance(mode, _ReverseMode):
         # In reverse mode the destination is fixed by the proxy or the route, so the
         # Host the client asked for is what selects the route.
-        host = (authority_host(host_header) or "") if host_header else request.host
+        host = (canonical or "") if host_header else request.host
         if not http2 and request.authority:
             # HTTP/1 absolute-form: an upstream takes the URL's host over Host.
-            others.append(request.authority)
+            others = [*(others or ()), request.authority]
     else:
         # Elsewhere the request goes where request.host says: match that, never a
         # Host header that could name another (open) route.
         host = request.host
-        if isinstance(mode, mode_specs.RegularMode | mode_specs.UpstreamMode):
+        if isinstance(mode, _REGULAR_OR_UPSTREAM):
             # The client chose request.host (URL or CONNECT); the Host header and the TLS
             # SNI it sends on are what a virtual-hosting upstream serves: they must agree.
+            others = others or []
             if host_header:
                 others.append(host_header)
-            if flow.client_conn.tls and flow.client_conn.sni:
-                others.append(flow.client_conn.sni)
-    facts = request_facts_of(
-        peer=peer_host(flow),
-        method=request.method if method is None else method,
-        host=host,
-        path=request.path if path is None else path,
-        route=_folded(ours.get(_ROUTE_BYTES)),
-        environment=_folded(ours.get(_ENVIRONMENT_BYTES)),
-        api_key=_folded(ours.get(_KEY_BYTES)),
-        forwarded_for=tuple(forwarded) if forwarded else (),
-        other_hosts=tuple(_other_host(name) for name in others if not _same_host(name, host)) if others else (),
-        bad_authority=bad_authority,
+            if client.tls and client.sni:
+                others.append(client.sni)
+    peername = client.peername
+    if agents is None:
+        user_agent = None
+    elif len(agents) == 1:
+        user_agent = agents[0].decode("utf-8", "surrogateescape")
+    else:
+        user_agent = _folded(agents)
+    return (
+        str(peername[0]) if peername else "",  # peer_host(flow)
+        request.method if method is None else method,
+        host,
+        request.path if path is None else path,
+        route,
+        environment,
+        api_key,
+        tuple(forwarded) if forwarded else (),
+        tuple(_other_host(name) for name in others if not _same_host(name, host)) if others else (),
+        bad_authority,
+        caller_host,
+        user_agent,
     )
-    return facts, caller_host, _folded(agents)
 
 
+_FORWARDED_NAMES: dict[str, bytes] = {}  # client_ip_header -> its lower-case bytes
+_WANTED = frozenset({b"host", b"user-agent", ROUTE_HEADER.encode(), ENVIRONMENT_HEADER.encode(), KEY_HEADER.encode()})
+_LIMIT_NAMES = frozenset(name.lower().encode() for name in RATE_LIMIT_HEADER_NAMES)
+_ReverseMode = mode_specs.ReverseMode
+_REGULAR_OR_UPSTREAM = (mode_specs.RegularMode, mode_specs.UpstreamMode)
 _ROUTE_BYTES = ROUTE_HEADER.encode()
-_NONE_OF_OURS: dict[bytes, list[bytes]] = {}  # read only
 REQUEST_ID_BYTES = REQUEST_ID_HEADER.encode()
 _ENVIRONMENT_BYTES = ENVIRONMENT_HEADER.encode()
 _KEY_BYTES = KEY_HEADER.encode()
+
+
+# id(decision) -> (decision, the metadata of a request it decided, the request's own values None)
+_meta_templates: dict[int, tuple[Decision, dict[str, Any]]] = {}
+_TEMPLATES_KEPT = 1024
+
+
+def request_meta(
+    decision: Decision,
+    request_id: str,
+    method: str,
+    host: str,
+    path: str,
+    user_agent: str | None,
+    rate_limit: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The flow metadata (and access log record) of a decided HTTP request::
+
+        {"request_id": ..., "method": ..., "host": ..., "path": ..., "user_agent": ...,
+         **decision.fields(), "rate_limit": ...}
+
+    copied from a template made once per decision object (decide() hands out remembered
+    decisions again and again): a dict copy and six values instead of two new dicts.
+    """
+    known = _meta_templates.get(id(decision))
+    if known is not None and known[0] is decision:
+        template = known[1]
+    else:
+        template = {"request_id": None, "method": None, "host": None, "path": None, "user_agent": None,
+                    **decision.fields(), "rate_limit": None}  # fmt: skip
+        if len(_meta_templates) >= _TEMPLATES_KEPT:
+            _meta_templates.clear()
+        _meta_templates[id(decision)] = (decision, template)
+    meta = template.copy()
+    meta["request_id"] = request_id
+    meta["method"] = method
+    meta["host"] = host
+    meta["path"] = path
+    meta["user_agent"] = user_agent
+    meta["rate_limit"] = rate_limit
+    return meta
+
+
+def with_our_headers(
+    fields: tuple[tuple[bytes, bytes], ...], request_id: str, rate_limit: dict[str, Any] | None
+) -> tuple[tuple[tuple[bytes, bytes], ...], bool]:
+    """A response's header fields with ours appended, in one pass over the upstream's: the
+    X-RateLimit-* ones of ``rate_limit`` (none when the upstream sent any of them:
+    ratelimit.header_fields) and x-knoxcall-request-id; and whether the upstream sent a
+    request id itself, which ours must then replace where it is (it is not appended).
+    """
+    has_id = has_limits = False
+    for name, _ in fields:
+        lower = name.lower()
+        if lower == REQUEST_ID_BYTES:
+            has_id = True
+        elif lower in _LIMIT_NAMES:
+            has_limits = True
+    if rate_limit is not None and not has_limits:
+        fields = (*fields, (b"X-RateLimit-Limit", b"%d" % rate_limit["limit"]),
+                  (b"X-RateLimit-Remaining", b"%d" % rate_limit["remaining"]),
+                  (b"X-RateLimit-Reset", b"%d" % rate_limit["reset"]))  # fmt: skip
+    if has_id:
+        return fields, True
+    return (*fields, (REQUEST_ID_BYTES, request_id.encode())), False
 
 
 def _folded(values: list[bytes] | None) -> str | None:
@@ -234,7 +348,7 @@ def forward(flow: http.HTTPFlow, decision: Decision, policy: Policy | None = Non
     # in place and the others folded into it; else one appended at the end.
     peer = decision.peer_ip or peer_host(flow)
     fields: list[tuple[bytes, bytes]] = []
-    forwarded: list[bytes] = []
+    forwarded: list[bytes] | None = None
     forwarded_at = -1
     forwarded_name = b"X-Forwarded-For"
     trusted: bool | None = None  # is the peer a trusted proxy? looked up only when it matters
@@ -250,17 +364,17 @@ def forward(flow: http.HTTPFlow, decision: Decision, policy: Policy | None = Non
             if not trusted:
                 continue
         if lower == _XFF_BYTES:
-            if forwarded_at < 0:
+            if forwarded is None:
                 forwarded_at, forwarded_name = len(fields), name
                 fields.append((name, b""))
+                forwarded = []
             forwarded.append(field[1])
             continue
         fields.append(field)
-    joined = b", ".join([*forwarded, peer.encode("utf-8", "surrogateescape")])
-    if forwarded_at < 0:
-        fields.append((forwarded_name, joined))
+    if forwarded is None:
+        fields.append((forwarded_name, peer.encode("utf-8", "surrogateescape")))
     else:
-        fields[forwarded_at] = (forwarded_name, joined)
+        fields[forwarded_at] = (forwarded_name, b", ".join([*forwarded, peer.encode("utf-8", "surrogateescape")]))
     request.headers.fields = tuple(fields)
     if decision.target_url:
         target = urlsplit(decision.target_url)

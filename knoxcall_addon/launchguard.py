@@ -246,7 +246,7 @@ def _problem(options: optmanager.OptManager, name: str, value: Any) -> str | Non
 def activate(addon: object) -> None:
     """``addon`` (KnoxCall) has a policy in force: it decides, unless the launch was invalid.
 
-    Only an addon in the hook chain counts (``script.run`` configures copies that are not).
+    Only an addon whose hooks are in the hook chain counts (``script.run`` configures copies that are not).
     """
     master = getattr(ctx, "master", None)
     if master is None:  # no mitmproxy here (a library caller): nothing to guard
@@ -255,8 +255,13 @@ def activate(addon: object) -> None:
     guard.check_unknown()
     if guard.launch_errors or guard.keeper is addon:
         return
-    if any(a is addon for a in addonmanager.traverse(master.addons.chain)):
+    if any(carries(a, addon) for a in addonmanager.traverse(master.addons.chain)):
         guard.open(addon)
+
+
+def carries(node: object, addon: object) -> bool:
+    """Is ``node`` (in mitmproxy's addon tree) ``addon``, or a module holding its hooks (hooktable)?"""
+    return node is addon or getattr(getattr(node, "requestheaders", None), "__self__", None) is addon
 
 
 def deactivate(addon: object) -> None:
@@ -291,7 +296,7 @@ def scripts_before(addon: object) -> list[str]:
     before: list[str] = []
     for script in getattr(loader, "addons", ()):
         module = getattr(script, "ns", None)
-        if module is not None and any(a is addon for a in getattr(module, "addons", ())):
+        if module is not None and (carries(module, addon) or any(a is addon for a in getattr(module, "addons", ()))):
             return before
         before.append(str(getattr(script, "path", script)))
     return []

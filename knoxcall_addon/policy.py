@@ -10,6 +10,7 @@ import posixpath
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from knoxcall_addon import yamlsource
@@ -17,6 +18,9 @@ from knoxcall_addon.ipmatch import RangeIndex
 from knoxcall_addon.loader import load_config
 from knoxcall_addon.model import ApiKey, Config, ConfigError, NetworkSet, Problem, Route
 from knoxcall_addon.ratelimit import RateLimits
+
+if TYPE_CHECKING:  # decision imports policy
+    from knoxcall_addon.decision import Decision
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,8 @@ class Policy:
         self.any_open_route = any(r.enabled and not r.requires_clients for r in config.routes.values())
         self.any_test_key = any(k.type == "test" for k in self.enabled_keys)
         self.rate_limits = RateLimits(config)
+        # decisions remembered by decision.decide: per policy, so a reload starts afresh
+        self.decisions: dict[tuple[object, ...], Decision] = {}
         if self.route_table.problems:
             raise ConfigError(self.route_table.problems)
 

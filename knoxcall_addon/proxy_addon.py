@@ -25,7 +25,6 @@ from knoxcall_addon.connections import close_client_socket, decided_at_connect, 
 from knoxcall_addon.decision import (
     REQUEST_ID_HEADER,
     Decision,
-    decide,
     decide_connection,
     decide_raw_flow,
     internal_error,
@@ -33,19 +32,19 @@ from knoxcall_addon.decision import (
 from knoxcall_addon.eventlog import SKIP_LEGACY, flow_comment, log_decision
 from knoxcall_addon.explain import explain_text
 from knoxcall_addon.gate import (
-    REQUEST_ID_BYTES,
     body_size_unknown,
+    decide_request,
     denial_response,
     forward,
     internal_error_response,
     new_request_id,
     peer_host,
-    read_request,
+    request_meta,
     requested_host,
+    with_our_headers,
 )
 from knoxcall_addon.model import ConfigError
 from knoxcall_addon.policy import Policy, load_policy
-from knoxcall_addon.ratelimit import header_fields
 from knoxcall_addon.ratestore import Checked, RateLimiter
 from knoxcall_addon.reloader import HotReload, release_free_memory
 from knoxcall_addon.status import LoadedPolicy, status_lines
@@ -55,6 +54,7 @@ logger = logging.getLogger("knoxcall")
 
 METADATA_KEY = "knoxcall"
 DENIED_MARKER = ":no_entry:"
+UNLOGGED = "_knoxcall_unlogged"  # on an HTTP flow decided but not yet access-logged
 
 
 class KnoxCall:
@@ -63,7 +63,6 @@ class KnoxCall:
     def __init__(self) -> None:
         self.current: LoadedPolicy | None = None
         self.access_log: AccessLog | None = None
-        self._pending: set[str] = set()  # ids of HTTP flows decided but not yet access-logged
         self.reload = HotReload(self.install, lambda: self.current.policy if self.current else None)
         self._reload_enabled = True
         self._running = False
@@ -257,9 +256,9 @@ class KnoxCall:
         rate_limit = None
         try:
             policy = self._policy()
-            facts, caller_host, user_agent = read_request(flow, policy, method, path)
+            decision, caller_host, user_agent = decide_request(flow, policy, method, path)
             # rate limits last: a request refused by any other check takes no token
-            checked = self.limiter.check(policy.rate_limits, decide(policy, facts))
+            checked = self.limiter.check(policy.rate_limits, decision)
             if not isinstance(checked, tuple):
                 seen = (request_id, method, caller_host, path, user_agent)
                 return self._decide_later(flow, checked, policy, seen)
@@ -307,18 +306,10 @@ class KnoxCall:
     ) -> None:
         """Log and annotate a decided request; answer it if refused."""
         request = flow.request
-        meta = {
-            "request_id": request_id,
-            "method": method,
-            "host": caller_host,
-            "path": path,
-            "user_agent": user_agent,
-            **decision.fields(),
-            "rate_limit": rate_limit,
-        }
+        meta = request_meta(decision, request_id, method, caller_host, path, user_agent, rate_limit)
         line = self._log_decision(decision, request_id)
         self._annotate(flow, decision, meta, line)
-        self._pending.add(flow.id)
+        flow.__dict__[UNLOGGED] = True  # decided, not yet access-logged (on the flow: see hooktable)
         if not decision.allowed:
             self._refuse_request(flow, denial_response(decision, request_id, request.method))
 
@@ -360,16 +351,10 @@ class KnoxCall:
         meta = flow.metadata.get(METADATA_KEY)
         if meta and flow.response is not None:
             headers = flow.response.headers
-            fields = headers.fields
-            rate_limit = meta.get("rate_limit")
-            if rate_limit is not None and self.limiter.settings.rate_limit_headers:
-                headers.fields = fields = fields + header_fields(rate_limit, fields)
-            for name, _ in fields:
-                if name.lower() == REQUEST_ID_BYTES:  # an upstream sent one: ours replaces it
-                    headers[REQUEST_ID_HEADER] = meta["request_id"]
-                    return
-            # headers[REQUEST_ID_HEADER] = ... for a name not there yet, without its second scan
-            headers.fields = (*fields, (REQUEST_ID_BYTES, meta["request_id"].encode()))
+            rate_limit = meta.get("rate_limit") if self.limiter.settings.rate_limit_headers else None
+            headers.fields, upstream_id = with_our_headers(headers.fields, meta["request_id"], rate_limit)
+            if upstream_id:  # an upstream sent one: ours replaces it
+                headers[REQUEST_ID_HEADER] = meta["request_id"]
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._complete(flow)
@@ -507,9 +492,8 @@ class KnoxCall:
 
     def _complete(self, flow: http.HTTPFlow) -> None:
         """Write the access log line once, when the request is answered or fails."""
-        if flow.id not in self._pending:
+        if not flow.__dict__.pop(UNLOGGED, False):
             return
-        self._pending.discard(flow.id)
         if self.access_log is None:
             return  # nothing to write: skip building the record
         meta = dict(flow.metadata[METADATA_KEY])

@@ -87,11 +87,29 @@ class RateLimits:
                     CompiledLimit.of("client_route", scope, names, each) if each else None,
                 )
         self.any = bool(self.clients or self.routes)
+        self._checks: dict[int, tuple[Decision, list[Check]]] = {}  # see checks
         every = [*self.clients.values(), *(limit for pair in self.routes.values() for limit in pair if limit)]
         self.by_prefix: dict[str, CompiledLimit] = {limit.prefix: limit for limit in every}
 
     def checks(self, decision: Decision) -> list[Check]:
-        """The buckets an allowed request uses, in the order client, route, per caller; [] for none."""
+        """The buckets an allowed request uses, in the order client, route, per caller; [] for none.
+
+        Made once per decision object (decide() hands out remembered decisions again and
+        again; a decision never changes): the list is shared, so it is read only.
+        """
+        if not self.any or not decision.allowed or decision.route is None:
+            return []
+        known = self._checks.get(id(decision))
+        if known is not None and known[0] is decision:
+            return known[1]
+        result = self.checks_plain(decision)
+        if len(self._checks) >= _CHECKS_KEPT:
+            self._checks.clear()
+        self._checks[id(decision)] = (decision, result)  # the decision kept: its id is not reused meanwhile
+        return result
+
+    def checks_plain(self, decision: Decision) -> list[Check]:
+        """`checks`, made afresh."""
         if not self.any or not decision.allowed or decision.route is None:
             return []
         result: list[Check] = []
@@ -108,6 +126,8 @@ class RateLimits:
                 result.append((each, each.prefix + CALLER_SEPARATOR + caller_of(decision)))
         return result
 
+
+_CHECKS_KEPT = 1024
 
 # -- the caller ------------------------------------------------------------------------------
 

@@ -183,11 +183,23 @@ def test_no_policy_loaded_denies_everything(caplog) -> None:
     assert "no policy loaded" in caplog.text
 
 
-def test_entry_point_holds_only_addons() -> None:
-    """mitmproxy would call a module-level function named like an event as a hook."""
-    names = {n for n in vars(entry_point) if not n.startswith("__")}
-    assert not names & set(hooks.all_hooks), names & set(hooks.all_hooks)
-    assert KnoxCall in [type(a) for a in entry_point.addons]
+def test_entry_point_holds_only_knoxcalls_hooks() -> None:
+    """mitmproxy calls a module-level function named like an event as a hook: the entry
+    point's are KnoxCall's own, bound to its one KnoxCall, and the four lifecycle ones that
+    also run the connectivity monitor's (hooktable); no addon tree below it."""
+    names = {n for n in vars(entry_point) if not n.startswith("__")} & set(hooks.all_hooks)
+    knoxcall = entry_point.knoxcall
+    assert isinstance(knoxcall, KnoxCall)
+    lifecycle = {"load", "configure", "running", "done"}
+    own = {n for n in hooks.all_hooks if callable(getattr(knoxcall, n, None))}
+    assert names == own | lifecycle, names ^ (own | lifecycle)
+    for name in own - lifecycle:
+        hook = getattr(entry_point, name)
+        if hook is None:  # no access log open: nothing to complete
+            assert name in ("response", "error") and knoxcall.access_log is None
+        else:
+            assert hook.__self__ is knoxcall and hook.__func__ is getattr(KnoxCall, name)
+    assert not hasattr(entry_point, "addons")
 
 
 # -- fail closed ---------------------------------------------------------------------------
@@ -199,7 +211,7 @@ def test_exception_while_deciding_denies_with_500(tctx, monkeypatch, caplog) -> 
     def explode(*args: Any, **kwargs: Any) -> Any:
         raise ValueError("kaboom")
 
-    monkeypatch.setattr(proxy_addon, "decide", explode)
+    monkeypatch.setattr(proxy_addon, "decide_request", explode)
     flow = make_flow()
     addon.requestheaders(flow)
     assert flow.response is not None
