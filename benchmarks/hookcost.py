@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import os
 import re
 import subprocess
@@ -39,9 +40,20 @@ def _prepare(rate_limit: bool, count: int) -> tuple[Any, list[tuple[str, Callabl
     from benchmarks.configgen import bench_file, generate
     from knoxcall_addon import gate, proxy_addon
     from knoxcall_addon.decision import decide
+    from knoxcall_addon.eventlog import SKIP_LEGACY
     from knoxcall_addon.policy import load_policy
     from knoxcall_addon.proxy_addon import KnoxCall
 
+    # logging as in mitmdump --set termlog_verbosity=warn: the root logger at DEBUG, the
+    # terminal's handler at WARNING, the legacy add_log events' (which KnoxCall filters) at 0,
+    # the error check's at ERROR: an allowed request's INFO line is looked at, not made
+    logging.getLogger().setLevel(logging.DEBUG)
+    for level in (logging.WARNING, 0, logging.ERROR):
+        handler = logging.NullHandler()
+        handler.setLevel(level)
+        if level == 0:
+            handler.addFilter(SKIP_LEGACY)
+        logging.getLogger().addHandler(handler)
     folder = Path(tempfile.mkdtemp(prefix="knoxcall-hookcost-"))
     generate(folder, clients=50, ranges=500, routes=50)
     (folder / "knoxcall.yaml").write_text(bench_file(allowed=True, rate_limit_store="memory" if rate_limit else None))

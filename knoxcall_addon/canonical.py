@@ -20,7 +20,7 @@ MAX_TARGET_LENGTH = 8192  # characters of path and query; longer targets are ref
 # (path parameters, read by some servers as part of a segment and by others as not).
 # Anything else, "//", a "." or ".." segment, or a "%" sends the path to the full check.
 _SUSPECT = re.compile(r"[^A-Za-z0-9\-._~!$&'()*+,=:@/%]|//|/\.\.?(?:/|$)|%")
-_PLAIN_PATH_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,=:@/")
+PLAIN_PATH_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,=:@/")
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 # Bytes that must never be hidden in an escape: they change how a path is cut into
 # segments, or how it is decoded again (%25), in some upstream.
@@ -42,7 +42,7 @@ def path_problem(target: str) -> str | None:
         return "the path does not start with '/'"
     # The usual path, without the regex: only characters it lets through (no "%"), and
     # neither "//" nor "/." (which every dot segment starts with): _SUSPECT finds nothing.
-    if _PLAIN_PATH_CHARS.issuperset(path) and "//" not in path and "/." not in path:
+    if PLAIN_PATH_CHARS.issuperset(path) and "//" not in path and "/." not in path:
         return None
     if _SUSPECT.search(path) is None:
         return None

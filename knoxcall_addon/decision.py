@@ -11,7 +11,14 @@ import hmac
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from knoxcall_addon.canonical import MAX_TARGET_LENGTH, canonical_host, method_problem, path_problem, printable
+from knoxcall_addon.canonical import (
+    MAX_TARGET_LENGTH,
+    PLAIN_PATH_CHARS,
+    canonical_host,
+    method_problem,
+    path_problem,
+    printable,
+)
 from knoxcall_addon.ipmatch import parse_forwarded_entry, parse_ip
 from knoxcall_addon.model import ApiKey, IPAddress
 from knoxcall_addon.policy import Policy, normalize_path
@@ -263,8 +270,12 @@ def decide_values(
     if route is not None and api_key is None:
         key = (peer, method, host, route, environment, forwarded_for, other_hosts, bad_authority)
         known = policy.decisions.get(key)
-        if known is not None and len(path) <= MAX_TARGET_LENGTH and path_problem(path) is None:
-            return known
+        if known is not None and len(path) <= MAX_TARGET_LENGTH:
+            # path_problem(path) is None: its usual case inline (no query: "?" is no plain character)
+            if path.startswith("/") and PLAIN_PATH_CHARS.issuperset(path) and "//" not in path and "/." not in path:
+                return known
+            if path_problem(path) is None:
+                return known
         facts = request_facts_of(peer, method, host, path, route, environment, api_key, forwarded_for, other_hosts,
                                  bad_authority)  # fmt: skip
         return _remembered(policy, key, facts)

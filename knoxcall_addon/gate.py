@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -97,8 +98,7 @@ def read_request(
     The caller host is `requested_host`'s; ``method`` and ``path`` are the request's, when
     the caller has read them already.
     """
-    values = _read(flow, policy, method, path)
-    return request_facts_of(*values[:10]), values[10], values[11]
+    return _read(flow, policy, method, path, False)  # type: ignore[return-value]
 
 
 def decide_request(
@@ -106,12 +106,13 @@ def decide_request(
 ) -> tuple[Decision, str, str | None]:
     """``decide(policy, facts)`` and the rest of `read_request`'s answer: what the proxy does
     per request, without making the facts when the decision is remembered (decide_values)."""
-    values = _read(flow, policy, method, path)
-    return decide_values(policy, *values[:10]), values[10], values[11]
+    return _read(flow, policy, method, path, True)  # type: ignore[return-value]
 
 
-def _read(flow: http.HTTPFlow, policy: Policy, method: str | None, path: str | None) -> tuple[Any, ...]:
-    """`request_facts_of`'s ten arguments, then the caller host and the User-Agent."""
+def _read(
+    flow: http.HTTPFlow, policy: Policy, method: str | None, path: str | None, decided: bool
+) -> tuple[RequestFacts | Decision, str, str | None]:
+    """(the facts, or with ``decided`` the decision on them, the caller host, the User-Agent)."""
     request = flow.request
     # One pass over the raw fields instead of a Headers lookup per name (each a full scan).
     # Same values as headers.get (repeated headers folded with ", ") and get_all.
@@ -158,13 +159,12 @@ def _read(flow: http.HTTPFlow, policy: Policy, method: str | None, path: str | N
         host_text = _folded(host_fields)
     host_header = (request.authority or host_text) if http2 else host_text
     if host_header:
-        canonical = authority_host(host_header)
+        known = _host_headers.get(host_header)
+        if known is None:
+            known = _host_header_hosts(host_header)
+        canonical, caller_host = known
         # Exactly host[:port], or the request is refused (decide() reads bad_authority first).
         bad_authority = None if canonical is not None else host_header
-        if "[" not in host_header and host_header.count(":") <= 1:  # _authority_host's common case
-            caller_host = host_header.partition(":")[0]
-        else:
-            caller_host = _authority_host(host_header)
     else:
         canonical = bad_authority = None
         caller_host = request.host
@@ -193,14 +193,18 @@ def _read(flow: http.HTTPFlow, policy: Policy, method: str | None, path: str | N
             if client.tls and client.sni:
                 others.append(client.sni)
     peername = client.peername
+    peer = peername[0] if peername else ""
+    if type(peer) is not str:  # peer_host(flow): str() of what the socket gives
+        peer = str(peer)
     if agents is None:
         user_agent = None
     elif len(agents) == 1:
         user_agent = agents[0].decode("utf-8", "surrogateescape")
     else:
         user_agent = _folded(agents)
-    return (
-        str(peername[0]) if peername else "",  # peer_host(flow)
+    make = partial(decide_values, policy) if decided else request_facts_of
+    facts_or_decision = make(
+        peer,
         request.method if method is None else method,
         host,
         request.path if path is None else path,
@@ -210,11 +214,27 @@ def _read(flow: http.HTTPFlow, policy: Policy, method: str | None, path: str | N
         tuple(forwarded) if forwarded else (),
         tuple(_other_host(name) for name in others if not _same_host(name, host)) if others else (),
         bad_authority,
-        caller_host,
-        user_agent,
     )
+    return facts_or_decision, caller_host, user_agent
 
 
+def _host_header_hosts(host_header: str) -> tuple[str | None, str]:
+    """(authority_host, _authority_host) of a Host header or authority: the canonical host
+    (None: not exactly host[:port]) and the caller host. Remembered: both are pure, and a
+    proxy sees the same few Host headers again and again."""
+    if "[" not in host_header and host_header.count(":") <= 1:  # _authority_host's common case
+        caller_host = host_header.partition(":")[0]
+    else:
+        caller_host = _authority_host(host_header)
+    hosts = (authority_host(host_header), caller_host)
+    if len(_host_headers) >= _HOST_HEADERS_KEPT:
+        _host_headers.clear()
+    _host_headers[host_header] = hosts
+    return hosts
+
+
+_host_headers: dict[str, tuple[str | None, str]] = {}
+_HOST_HEADERS_KEPT = 4096
 _FORWARDED_NAMES: dict[str, bytes] = {}  # client_ip_header -> its lower-case bytes
 _WANTED = frozenset({b"host", b"user-agent", ROUTE_HEADER.encode(), ENVIRONMENT_HEADER.encode(), KEY_HEADER.encode()})
 _LIMIT_NAMES = frozenset(name.lower().encode() for name in RATE_LIMIT_HEADER_NAMES)
@@ -275,6 +295,8 @@ def with_our_headers(
     ratelimit.header_fields) and x-knoxcall-request-id; and whether the upstream sent a
     request id itself, which ours must then replace where it is (it is not appended).
     """
+    if type(fields) is not tuple:  # another addon may have set a list
+        fields = tuple(fields)
     has_id = has_limits = False
     for name, _ in fields:
         lower = name.lower()
@@ -282,13 +304,30 @@ def with_our_headers(
             has_id = True
         elif lower in _LIMIT_NAMES:
             has_limits = True
+    # tuple + tuple: one copy; (*fields, ...) makes a list first (twice the instructions)
     if rate_limit is not None and not has_limits:
-        fields = (*fields, (b"X-RateLimit-Limit", b"%d" % rate_limit["limit"]),
-                  (b"X-RateLimit-Remaining", b"%d" % rate_limit["remaining"]),
-                  (b"X-RateLimit-Reset", b"%d" % rate_limit["reset"]))  # fmt: skip
+        digits = _DIGITS
+        limit, remaining, reset = rate_limit["limit"], rate_limit["remaining"], rate_limit["reset"]
+        fields = fields + ((b"X-RateLimit-Limit", digits.get(limit) or _digits(limit)),  # noqa: RUF005
+                           (b"X-RateLimit-Remaining", digits.get(remaining) or _digits(remaining)),
+                           (b"X-RateLimit-Reset", digits.get(reset) or _digits(reset)))  # fmt: skip
     if has_id:
         return fields, True
-    return (*fields, (REQUEST_ID_BYTES, request_id.encode())), False
+    return fields + ((REQUEST_ID_BYTES, request_id.encode()),), False  # noqa: RUF005
+
+
+def _digits(number: int) -> bytes:
+    """``str(number).encode()``, remembered: a limit's size, a reset time (for a second) and
+    the tokens left repeat from one response to the next."""
+    text = str(number).encode()
+    if len(_DIGITS) >= _DIGITS_KEPT:
+        _DIGITS.clear()
+    _DIGITS[number] = text
+    return text
+
+
+_DIGITS: dict[int, bytes] = {}
+_DIGITS_KEPT = 4096
 
 
 def _folded(values: list[bytes] | None) -> str | None:

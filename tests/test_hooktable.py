@@ -1,0 +1,111 @@
+"""KnoxCall's hooks on the script module (hooktable.py), as mitmproxy sees them.
+
+The module stands in for ``addons = [KnoxCall(), ConnectivityMonitor()]``: mitmproxy must
+find the same hooks, commands and addon names, the guard must count KnoxCall as active,
+and the access log must get every request, also one decided before the log was opened.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mitmproxy import exceptions, hooks
+from mitmproxy.addons import script as mitmproxy_script
+from mitmproxy.test import taddons, tflow, tutils
+
+from knoxcall_addon import hooktable, launchguard
+from knoxcall_addon.connectivity import ConnectivityMonitor
+from knoxcall_addon.proxy_addon import KnoxCall
+from tests.test_addon_unit import config_dir, make_flow  # noqa: F401  (fixture)
+
+
+def entry_module(name: str = "addon.py") -> tuple[types.ModuleType, KnoxCall, ConnectivityMonitor]:
+    """What addon.py is, as a fresh module (mitmproxy loads the file itself as one and names it by its path)."""
+    module = types.ModuleType("knoxcall_entry_point_under_test")
+    module.name = name  # type: ignore[attr-defined]
+    knoxcall, monitor = hooktable.expose(vars(module))
+    return module, knoxcall, monitor
+
+
+def test_mitmproxy_finds_knoxcalls_hooks_commands_and_names_on_the_module(config_dir) -> None:  # noqa: F811
+    module, knoxcall, monitor = entry_module()
+    with taddons.context(module) as context:
+        context.configure(module, knoxcall_config=str(config_dir))
+        master = context.master
+        assert master.addons.get("knoxcall") is knoxcall
+        assert master.addons.get("connectivitymonitor") is monitor
+        assert {"knoxcall.reload", "knoxcall.status", "knoxcall.explain"} <= set(master.commands.commands)
+        assert "knoxcall_config" in master.options and "knoxcall_ping_interval" in master.options
+        # every event hook KnoxCall has is found on the module, bound to it
+        for name in hooks.all_hooks:
+            if name in hooktable.LIFECYCLE or not callable(getattr(knoxcall, name, None)):
+                continue
+            hook = getattr(module, name, None)  # what mitmproxy looks up for each event
+            if name in hooktable.COMPLETION:  # no access log open: none (mitmproxy skips a None)
+                assert hook is None
+            else:
+                assert hook.__self__ is knoxcall
+        # the guard counts KnoxCall as in force: it left the chain
+        assert launchguard.GUARD_NAME not in [getattr(a, "name", "") for a in master.addons.chain]
+        flow = make_flow()
+        master.addons.invoke_addon_sync(module, hooks.all_hooks["requestheaders"](flow))
+        assert flow.metadata["knoxcall"]["decision"] == "allowed" and flow.response is None
+        master.addons.remove(module)  # what a script reload does first
+        assert master.addons.get("knoxcall") is None and master.addons.get("connectivitymonitor") is None
+        guard = master.addons.get(launchguard.GUARD_NAME)
+        assert guard.keeper is None and master.addons.chain[-1] is guard  # refusing again
+
+
+def test_a_second_knoxcall_script_is_refused_like_a_second_addon_of_a_name(config_dir) -> None:  # noqa: F811
+    first, _, _ = entry_module("a/addon.py")
+    second, _, _ = entry_module("b/addon.py")
+    with taddons.context(first) as context:
+        with pytest.raises(exceptions.AddonManagerError, match="already exists"):
+            context.master.addons.register(second)
+        assert context.master.addons.get("knoxcall") is not None
+
+
+def test_access_log_hooks_come_and_go_with_the_log_and_miss_no_request(tmp_path, config_dir) -> None:  # noqa: F811
+    module, knoxcall, _ = entry_module()
+    log = tmp_path / "access.jsonl"
+    with taddons.context(module) as context:
+        context.configure(module, knoxcall_config=str(config_dir))
+        assert module.response is None and module.error is None
+        decided_before = make_flow()
+        module.requestheaders(decided_before)
+        context.configure(module, knoxcall_access_log=str(log))
+        assert module.response.__self__ is knoxcall and module.error.__self__ is knoxcall
+        decided_after = make_flow()
+        module.requestheaders(decided_after)
+        for flow in (decided_before, decided_after):
+            flow.response = tutils.tresp()
+            module.responseheaders(flow)
+            module.response(flow)
+            module.response(flow)  # once only
+        failed = make_flow()
+        module.requestheaders(failed)
+        failed.error = tflow.terr()
+        module.error(failed)
+        context.configure(module, knoxcall_access_log="")
+        assert module.response is None and module.error is None
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    ids = [f.metadata["knoxcall"]["request_id"] for f in (decided_before, decided_after, failed)]
+    assert [line["request_id"] for line in lines] == ids
+    assert [line["status"] for line in lines] == [200, 200, None]
+
+
+def test_the_entry_point_file_loads_as_a_script(config_dir) -> None:  # noqa: F811
+    """mitmproxy's own loader on addon.py: the module holds the hooks, no addons."""
+    path = Path(__file__).resolve().parent.parent / "knoxcall_addon" / "addon.py"
+    with taddons.context() as context:
+        module = mitmproxy_script.load_script(str(path))
+        assert module is not None and not hasattr(module, "addons")
+        context.master.addons.add(module)
+        context.configure(module, knoxcall_config=str(config_dir))
+        knoxcall: Any = context.master.addons.get("knoxcall")
+        assert isinstance(knoxcall, KnoxCall) and knoxcall.current is not None
+        assert module.requestheaders.__self__ is knoxcall
