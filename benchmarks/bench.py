@@ -678,7 +678,7 @@ def bench_instructions(large: Generated, work: Path, quick: bool, wanted: list[s
         folder, args = features_copy(large, work / f"instructions-{name}", group)
         variants.append(instructions.Variant(name, [*addon, "--set", f"knoxcall_config={folder}", *args], headers))
     counted = instructions.count_variants(
-        variants, work, requests=64 if quick else 160, rounds=3 if quick else 5, warmup=96 if quick else 320,
+        variants, work, requests=64 if quick else 240, rounds=3 if quick else 5, warmup=96 if quick else 320,
         idle_seconds=6 if quick else 20,
     )
     result.update(counted)

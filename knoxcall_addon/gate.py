@@ -287,16 +287,21 @@ def request_meta(
     return meta
 
 
-def with_our_headers(
-    fields: tuple[tuple[bytes, bytes], ...], request_id: str, rate_limit: dict[str, Any] | None
-) -> tuple[tuple[tuple[bytes, bytes], ...], bool]:
-    """A response's header fields with ours appended, in one pass over the upstream's: the
-    X-RateLimit-* ones of ``rate_limit`` (none when the upstream sent any of them:
-    ratelimit.header_fields) and x-knoxcall-request-id; and whether the upstream sent a
-    request id itself, which ours must then replace where it is (it is not appended).
-    """
+def add_our_headers(headers: http.Headers, request_id: str, rate_limit: dict[str, Any] | None) -> None:
+    """Append our headers to a response's, in one pass over the upstream's: the X-RateLimit-*
+    ones of ``rate_limit`` (none when the upstream sent any of them: ratelimit.header_fields)
+    and x-knoxcall-request-id, which replaces one the upstream sent where it is."""
+    fields = headers.fields
     if type(fields) is not tuple:  # another addon may have set a list
         fields = tuple(fields)
+    # tuple + tuple: one copy; (*fields, ...) makes a list first (twice the instructions)
+    if rate_limit is None:
+        for name, _ in fields:
+            if name.lower() == REQUEST_ID_BYTES:
+                headers[REQUEST_ID_HEADER] = request_id
+                return
+        headers.fields = fields + ((REQUEST_ID_BYTES, request_id.encode()),)  # noqa: RUF005
+        return
     has_id = has_limits = False
     for name, _ in fields:
         lower = name.lower()
@@ -304,16 +309,17 @@ def with_our_headers(
             has_id = True
         elif lower in _LIMIT_NAMES:
             has_limits = True
-    # tuple + tuple: one copy; (*fields, ...) makes a list first (twice the instructions)
-    if rate_limit is not None and not has_limits:
+    if not has_limits:
         digits = _DIGITS
         limit, remaining, reset = rate_limit["limit"], rate_limit["remaining"], rate_limit["reset"]
         fields = fields + ((b"X-RateLimit-Limit", digits.get(limit) or _digits(limit)),  # noqa: RUF005
                            (b"X-RateLimit-Remaining", digits.get(remaining) or _digits(remaining)),
                            (b"X-RateLimit-Reset", digits.get(reset) or _digits(reset)))  # fmt: skip
     if has_id:
-        return fields, True
-    return fields + ((REQUEST_ID_BYTES, request_id.encode()),), False  # noqa: RUF005
+        headers.fields = fields
+        headers[REQUEST_ID_HEADER] = request_id  # where the upstream's is
+    else:
+        headers.fields = fields + ((REQUEST_ID_BYTES, request_id.encode()),)  # noqa: RUF005
 
 
 def _digits(number: int) -> bytes:

@@ -23,7 +23,6 @@ from knoxcall_addon.accesslog import AccessLog, utc_timestamp
 from knoxcall_addon.configdiff import diff_configs
 from knoxcall_addon.connections import close_client_socket, decided_at_connect, refused_dns
 from knoxcall_addon.decision import (
-    REQUEST_ID_HEADER,
     Decision,
     decide_connection,
     decide_raw_flow,
@@ -32,6 +31,7 @@ from knoxcall_addon.decision import (
 from knoxcall_addon.eventlog import SKIP_LEGACY, flow_comment, log_decision
 from knoxcall_addon.explain import explain_text
 from knoxcall_addon.gate import (
+    add_our_headers,
     body_size_unknown,
     decide_request,
     denial_response,
@@ -41,7 +41,6 @@ from knoxcall_addon.gate import (
     peer_host,
     request_meta,
     requested_host,
-    with_our_headers,
 )
 from knoxcall_addon.model import ConfigError
 from knoxcall_addon.policy import Policy, load_policy
@@ -350,11 +349,10 @@ class KnoxCall:
         """Every response we make or forward carries the request id (also when streamed)."""
         meta = flow.metadata.get(METADATA_KEY)
         if meta and flow.response is not None:
-            headers = flow.response.headers
-            rate_limit = meta.get("rate_limit") if self.limiter.settings.rate_limit_headers else None
-            headers.fields, upstream_id = with_our_headers(headers.fields, meta["request_id"], rate_limit)
-            if upstream_id:  # an upstream sent one: ours replaces it
-                headers[REQUEST_ID_HEADER] = meta["request_id"]
+            rate_limit = meta.get("rate_limit")
+            if rate_limit is not None and not self.limiter.settings.rate_limit_headers:
+                rate_limit = None
+            add_our_headers(flow.response.headers, meta["request_id"], rate_limit)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._complete(flow)
