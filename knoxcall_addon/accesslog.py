@@ -28,6 +28,7 @@ ACCESS_LOG_FIELDS = (
     "user_agent",
     "latency_ms",
     "config_version",
+    "report_only",
     "rate_limit",
 )
 

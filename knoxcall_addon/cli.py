@@ -27,7 +27,7 @@ from knoxcall_addon.connectivity import (
 )
 from knoxcall_addon.explain import explain, request_for
 from knoxcall_addon.ipmatch import parse_ip
-from knoxcall_addon.lint import RULES, Finding, lint
+from knoxcall_addon.lint import RULES, Finding, lint, report_mode_places
 from knoxcall_addon.loader import OBJECT_NAME
 from knoxcall_addon.model import Config, ConfigError
 from knoxcall_addon.policy import Policy, load_policy
@@ -208,12 +208,19 @@ def check(folder: str, *, fmt: str = "text", strict: bool = False, ignore: set[s
 def config_notes(config: Config) -> list[str]:
     """What the loader assumed for a config that does not say it (neither an error nor a
     lint finding: the config is fine, but its reader should know)."""
-    return [
+    notes = [
         f"no environments are declared, so the default environment {env.name!r} is the only one; "
         "an 'environments' list replaces it"
         for env in config.environments.values()
         if env.implicit
     ]
+    default = config.settings.default_environment
+    notes += [
+        f"route {route!r} is in report mode in {environment}: refusals of the client check are logged, not enforced"
+        for route, environment in report_mode_places(config)
+        if environment != default
+    ]
+    return notes
 
 
 # -- explain -----------------------------------------------------------------------------

@@ -95,6 +95,8 @@ def explain(policy: Policy, facts: RequestFacts) -> Explanation:
     config = policy.config
     lines: list[str] = []
     verdict = "ALLOWED" if decision.allowed else f"DENIED ({decision.status})"
+    if decision.report_only:
+        verdict = "ALLOWED (report-only: refused when enforced)"
     lines.append(f"{verdict}: {decision.reason}")
     where = f"{facts.method} {facts.host or '<any host>'}{facts.path}"
     lines.append(

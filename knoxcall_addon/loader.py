@@ -44,7 +44,7 @@ METHOD = re.compile(r"^[A-Z]+$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 TOP_LEVEL_KEYS = ("settings", "environments", "clients", "routes", "assignments", "api_keys")
-SETTINGS_KEYS = ("default_environment", "trusted_proxies", "client_ip_header", "unmatched_requests")
+SETTINGS_KEYS = ("default_environment", "trusted_proxies", "client_ip_header", "unmatched_requests", "mode")
 SETTINGS_KEYS += RATE_LIMIT_SETTINGS
 ENVIRONMENT_KEYS = ("name", "description")
 CLIENT_KEYS = ("name", "type", "ip_address", "enabled", "description", "rate_limit")
@@ -60,9 +60,11 @@ ROUTE_KEYS = (
     "description",
     "rate_limit",
     "client_rate_limit",
+    "mode",
 )
 MATCH_KEYS = ("hosts", "path_prefix")
-OVERRIDE_KEYS = ("target_base_url", "allowed_methods", "rate_limit", "client_rate_limit")
+MODES = ("enforce", "report")
+OVERRIDE_KEYS = ("target_base_url", "allowed_methods", "rate_limit", "client_rate_limit", "mode")
 API_KEY_KEYS = ("name", "key_sha256", "type", "enabled", "description")
 
 _MISSING = object()
@@ -326,6 +328,10 @@ class _Builder:
         proxies = NetworkSet()
         if "trusted_proxies" in values:
             proxies = self._networks(values["trusted_proxies"], where["trusted_proxies"], "trusted_proxies")
+        mode = values.get("mode", defaults.mode)
+        if mode not in MODES:
+            self.error(where["mode"], f"settings.mode must be 'enforce' or 'report', not {shown(mode)}")
+            mode = defaults.mode
         rate_limit_settings, problems = read_rate_limit_settings(values, where)
         self.problems.extend(problems)
         return Settings(
@@ -333,6 +339,7 @@ class _Builder:
             trusted_proxies=tuple(proxies),
             client_ip_header=header,
             unmatched_requests=unmatched,
+            mode=mode,
             **rate_limit_settings,
         )
 
@@ -493,6 +500,7 @@ class _Builder:
                 allowed_methods=self._methods(override, f"{what} ({cut(env_name)})"),
                 rate_limit=self.rate_limit(override, "rate_limit", f"{what} ({cut(env_name)})", True),
                 client_rate_limit=self.rate_limit(override, "client_rate_limit", f"{what} ({cut(env_name)})", True),
+                mode=self._mode(override, f"{what} ({cut(env_name)})"),
             )
         return Route(
             name=name,
@@ -507,7 +515,16 @@ class _Builder:
             location=entry.location,
             rate_limit=self.rate_limit(entry, "rate_limit", what),
             client_rate_limit=self.rate_limit(entry, "client_rate_limit", what),
+            mode=self._mode(entry, what),
         )
+
+    def _mode(self, entry: LocatedDict, what: str) -> Any:
+        """``mode`` of a route or an override: enforce, report, or None (not set: inherited)."""
+        mode = entry.get("mode")
+        if mode is not None and mode not in MODES:
+            self.error(entry.where("mode"), f"{what}: mode must be 'enforce' or 'report', not {shown(mode)}")
+            return None
+        return mode
 
     def _api_key(self, entry: LocatedDict, name: str) -> ApiKey | None:
         what = f"API key {shown(name)}"

@@ -15,6 +15,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 ClientType = Literal["server", "user"]
 KeyType = Literal["live", "test"]
 UnmatchedPolicy = Literal["deny", "allow"]
+Mode = Literal["enforce", "report"]
 RateLimitMode = Literal["enforce", "report"]
 StoreErrorPolicy = Literal["local", "allow", "deny"]
 
@@ -108,6 +109,7 @@ class Settings:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     client_ip_header: str = "X-Forwarded-For"
     unmatched_requests: UnmatchedPolicy = "deny"
+    mode: Mode = "enforce"  # report: the client check logs its refusals and lets them through
     # rate limits (see ratelimit.py); the store URL may hold a password: never shown (repr=False)
     rate_limit_store: str = field(default="memory", repr=False)
     rate_limit_headers: bool = True
@@ -250,6 +252,7 @@ class RouteOverride:
     # rate limits: None uses the route's, False removes it, a RateLimit replaces it
     rate_limit: RateLimit | Literal[False] | None = None
     client_rate_limit: RateLimit | Literal[False] | None = None
+    mode: Mode | None = None  # None: the route's
 
 
 @dataclass(frozen=True)
@@ -266,6 +269,14 @@ class Route:
     location: Location = Location("", 0)
     rate_limit: RateLimit | None = None  # the whole route, all callers together (per environment)
     client_rate_limit: RateLimit | None = None  # each caller on this route (per environment)
+    mode: Mode | None = None  # None: settings.mode
+
+    def mode_for(self, environment: str, default: Mode) -> Mode:
+        """enforce or report here: the environment's override, else the route's, else ``default``."""
+        override = self.environments.get(environment)
+        if override and override.mode is not None:
+            return override.mode
+        return self.mode if self.mode is not None else default
 
     def target_for(self, environment: str) -> str | None:
         override = self.environments.get(environment)

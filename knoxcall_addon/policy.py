@@ -174,6 +174,13 @@ class Policy:
         self.routes = config.routes
         self.route_table = RouteTable(list(config.routes.values()))
         self.enabled_keys: tuple[ApiKey, ...] = tuple(k for k in config.api_keys.values() if k.enabled)
+        # (route, environment) where the client check only reports its refusals (report-only rollout)
+        self.report_only: frozenset[tuple[str, str]] = frozenset(
+            (route.name, environment)
+            for route in config.routes.values()
+            for environment in config.environments
+            if route.mode_for(environment, config.settings.mode) == "report"
+        )
         self.any_open_route = any(r.enabled and not r.requires_clients for r in config.routes.values())
         self.any_test_key = any(k.type == "test" for k in self.enabled_keys)
         self.rate_limits = RateLimits(config)

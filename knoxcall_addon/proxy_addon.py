@@ -55,6 +55,7 @@ logger = logging.getLogger("knoxcall")
 
 METADATA_KEY = "knoxcall"
 DENIED_MARKER = ":no_entry:"
+REPORT_MARKER = ":warning:"  # let through in report mode: would be refused when enforced
 
 
 class KnoxCall:
@@ -504,6 +505,8 @@ class KnoxCall:
         flow.comment = flow_comment(decision, line)
         if not decision.allowed:
             flow.marked = DENIED_MARKER
+        elif decision.report_only:
+            flow.marked = REPORT_MARKER
 
     def _complete(self, flow: http.HTTPFlow) -> None:
         """Write the access log line once, when the request is answered or fails."""
