@@ -54,6 +54,7 @@ class AccessLog:
         # failed line leaves nothing behind in a buffer to come out later or twice.
         self._file = self.path.open("ab", buffering=0)
         self.lost = 0  # lines not written since the last one that was
+        self.lost_total = 0  # lines not written since the file was opened (for /metrics)
         self._torn = False  # the last failed write may have left part of a line
 
     def write(self, record: dict[str, Any]) -> None:
@@ -76,6 +77,7 @@ class AccessLog:
                     "lines are lost until writing works again (logged once, with the count when it does)"
                 )
             self.lost += 1
+            self.lost_total += 1
             return
         self._torn = False
         if self.lost:
