@@ -395,7 +395,19 @@ def reconfigure(
     if policy is not None:
         metrics.policy_installed(policy)
     new = MetricsServer(metrics, state, host, port)
-    new.start()  # OSError: the old one runs on
+    try:
+        new.start()  # OSError: the old one runs on
+    except OSError:
+        if server is None or server.port != port:
+            raise
+        # e.g. 127.0.0.1:9464 -> 0.0.0.0:9464: the old one holds the port; hand it over
+        server.stop()
+        try:
+            new.start()
+        except OSError:
+            server.start()  # back where it was (its port was just freed)
+            raise
+        server = None
     if server is not None:
         server.stop()
     activate(metrics)

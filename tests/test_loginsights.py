@@ -20,7 +20,12 @@ import pytest
 
 from knoxcall_addon import loginsights
 from knoxcall_addon.cli import main
+from knoxcall_addon.decision import RequestFacts, decide
+from knoxcall_addon.explain import advice, nearest_assigned
+from knoxcall_addon.ipmatch import parse_ip
 from knoxcall_addon.loginsights import Summary, Tally, since_cutoff, summarize
+from knoxcall_addon.networks import parse_network
+from knoxcall_addon.policy import load_policy
 from tests.harness import MitmDump, Upstream, client_from
 
 CONFIG = {
@@ -221,3 +226,39 @@ def test_follow_prints_new_refusals_across_a_rotation(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait(5)
+
+
+def test_advice_for_each_kind_of_refusal(make_config) -> None:
+    """explain.advice (what `knoxcall logs` prints) decided from the real decision of each case."""
+    config = json.loads(json.dumps(CONFIG))
+    config["clients"] += [
+        {"name": "far", "ip_address": ["10.0.0.0/8", "2001:db8:1::/48"]},
+        {"name": "near-v6", "ip_address": "2001:db8:2:5::/64"},
+        {"name": "spare", "ip_address": "127.0.3.0/24", "enabled": False},
+    ]
+    config["routes"].append({"name": "lonely"})
+    config["assignments"]["payments"]["production"] += ["far", "near-v6"]
+    policy = load_policy(make_config(**{"k.yaml": config}))
+
+    def advised(ip: str, route: str = "payments", env: str = "production") -> tuple[str, str] | None:
+        return advice(policy, decide(policy, RequestFacts(peer=ip, route=route, environment=env)))
+
+    assert advised("127.0.0.3") is None  # allowed: nothing to advise
+    assert advised("2001:db8:2:9::1") == (
+        "no client holds 2001:db8:2:9::1; client near-v6 (assigned here) has 2001:db8:2:5::/64",
+        "add 2001:db8:2:9::1 to client near-v6's ip_address, or assign the client that should hold it "
+        "to payments in production",
+    )
+    assert nearest_assigned(policy, parse_ip("10.9.9.9"), "payments", "production") == (
+        "far",
+        parse_network("10.0.0.0/8"),
+    )
+    assert advised("127.0.3.7") == (
+        "client spare (127.0.3.0/24) is disabled; assigned nowhere",
+        "enable client spare (enabled: true) and add spare to assignments: payments: production",
+    )
+    assert advised("127.0.2.1")[1] == "enable client retired (enabled: true)"  # disabled, assigned here
+    assert advised("127.0.0.200", route="lonely") == (
+        "no client holds 127.0.0.200 and no enabled client is assigned to lonely in production",
+        "add a client with 127.0.0.200 and assign it to lonely in production",
+    )

@@ -231,8 +231,14 @@ def test_the_addon_counts_nothing_with_the_option_off_and_refuses_bad_values(mak
             with pytest.raises(exceptions.OptionsError, match="knoxcall_metrics=oops"):
                 context.configure(addon, knoxcall_metrics="oops")
             assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200  # the old one runs on
+            counted = addon.metrics
+            context.configure(addon, knoxcall_metrics=f"127.0.0.2:{port}")  # moved: the counts go along
+            assert addon.metrics is counted
+            assert httpx.get(f"http://127.0.0.2:{port}/healthz").status_code == 200
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"http://127.0.0.1:{port}/healthz")
         finally:
             context.configure(addon, knoxcall_metrics="")
         assert addon.metrics is None and metrics._active is None
         with pytest.raises(httpx.ConnectError):
-            httpx.get(f"http://127.0.0.1:{port}/healthz")
+            httpx.get(f"http://127.0.0.2:{port}/healthz")
