@@ -36,14 +36,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from knoxcall_addon.decision import ALLOWED_REASONS, DENIED_REASONS, Decision
 from knoxcall_addon.policy import Policy
+from knoxcall_addon.ratelimit import RATE_LIMITED, STORE_UNAVAILABLE
 
 logger = logging.getLogger("knoxcall")
 
 DEFAULT_HOST = "127.0.0.1"
 UNKNOWN = "-"  # the label of a route or environment that is not in the config in force (or none)
 OTHER = "other"  # a decision or reason outside the fixed lists (none today: a guard against a new one)
-# "rate_limited": issue 11's reason (ratelimit.RATE_LIMITED), named here so this module needs nothing of it
-REASONS = frozenset({*ALLOWED_REASONS, *DENIED_REASONS, "rate_limited"})
+REASONS = frozenset({*ALLOWED_REASONS, *DENIED_REASONS, RATE_LIMITED, STORE_UNAVAILABLE})
 DECISIONS = frozenset({"allowed", "denied", "report"})
 CONNECTION_KINDS = ("tunnel", "connection", "raw", "dns")
 CONNECTIVITY_STATUSES = ("Healthy", "Degraded", "Down")
@@ -118,8 +118,8 @@ class Metrics:
         self.requests = Counter(
             "knoxcall_requests",
             "HTTP requests decided, by route, environment, decision and reason (- for a route or environment "
-            "not in the config)",
-            ("route", "environment", "decision", "reason"),
+            "not in the config); report_only=true: let through in report mode, refused once enforced",
+            ("route", "environment", "decision", "reason", "report_only"),
             registry=self.registry,
         )
         self.decision_seconds = Histogram(
@@ -149,7 +149,8 @@ class Metrics:
         if state is not None:
             self.registry.register(StateCollector(state))
         self._observe = self.decision_seconds.observe
-        self._children: dict[tuple[Any, ...], Any] = {}  # (route, env, decision, reason) -> bound counter
+        # (route, env, decision, reason, report_only) -> bound counter (or counters, for a rate limit)
+        self._children: dict[tuple[Any, ...], Any] = {}
         self._connection_children: dict[tuple[Any, ...], Any] = {}
         self._routes: frozenset[str] = frozenset()
         self._environments: frozenset[str] = frozenset()
@@ -166,7 +167,7 @@ class Metrics:
     def request_decided(self, decision: Decision, seconds: float) -> None:
         """Count one HTTP request's decision and how long it took."""
         try:
-            key = (decision.route, decision.environment, decision.decision, decision.reason)
+            key = (decision.route, decision.environment, decision.decision, decision.reason, decision.report_only)
             child = self._children.get(key)
             if child is None:
                 child = self._bind(key)
@@ -188,7 +189,9 @@ class Metrics:
             self._failure()
 
     def rate_limit_refused(self, route: str | None, environment: str | None, report_only: bool = False) -> None:
-        """Count a request over a rate limit (refused with 429, or let through in report mode)."""
+        """Count a request over a rate limit (refused with 429, or let through in report mode).
+
+        `request_decided` counts these by itself (reason rate_limited); this is for other callers."""
         try:
             labels = (self._route(route), self._environment(environment), "true" if report_only else "false")
             self.rate_limit_refusals.labels(*labels).inc()
@@ -205,9 +208,12 @@ class Metrics:
     def _bind(self, key: tuple[Any, ...]) -> Any:
         """The counter child for a decision's labels; kept only when every label is its own value,
         so that names made up by callers (all "-") never grow the cache."""
-        route, environment, decision, reason = key
-        labels = (self._route(route), self._environment(environment), *self._fixed(decision, reason))
+        route, environment, decision, reason, report_only = key
+        report = "true" if report_only else "false"
+        labels = (self._route(route), self._environment(environment), *self._fixed(decision, reason), report)
         child = self.requests.labels(*labels)
+        if reason == RATE_LIMITED:  # also a rate limit refusal: both counted by the one cached object
+            child = _Both(child, self.rate_limit_refusals.labels(labels[0], labels[1], report))
         if (route or UNKNOWN) == labels[0] and (environment or UNKNOWN) == labels[1]:
             self._children[key] = child
         return child
@@ -226,6 +232,18 @@ class Metrics:
         if not self._failed:  # once: a metrics bug must not flood the event log either
             self._failed = True
             logger.warning("knoxcall: updating a metric failed (decisions are not affected)", exc_info=True)
+
+
+@dataclass(frozen=True)
+class _Both:
+    """Two counter children incremented as one (a request refused by a rate limit)."""
+
+    first: Any
+    second: Any
+
+    def inc(self) -> None:
+        self.first.inc()
+        self.second.inc()
 
 
 class StateCollector:

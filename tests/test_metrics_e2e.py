@@ -138,10 +138,36 @@ def test_counters_move_by_exactly_the_requests_sent_while_scraped(proxy: Proxy) 
         return value(after, name, **labels) - value(before, name, **labels)
 
     requests = "knoxcall_requests_total"
-    assert moved(requests, route="api", environment="production", decision="allowed", reason="client") == 20
-    assert moved(requests, route="api", environment="production", decision="denied", reason="ip_not_whitelisted") == 20
-    assert moved(requests, route="-", environment="-", decision="denied", reason="route_not_found") == 10
-    assert moved(requests, route="api", environment="-", decision="denied", reason="environment_not_found") == 10
+    assert (
+        moved(requests, route="api", environment="production", decision="allowed", reason="client", report_only="false")
+        == 20
+    )
+    assert (
+        moved(
+            requests,
+            route="api",
+            environment="production",
+            decision="denied",
+            reason="ip_not_whitelisted",
+            report_only="false",
+        )
+        == 20
+    )
+    assert (
+        moved(requests, route="-", environment="-", decision="denied", reason="route_not_found", report_only="false")
+        == 10
+    )
+    assert (
+        moved(
+            requests,
+            route="api",
+            environment="-",
+            decision="denied",
+            reason="environment_not_found",
+            report_only="false",
+        )
+        == 10
+    )
     http_total = sum(sent[k] for k in ("allowed", "stranger", "route", "environment"))
     assert moved("knoxcall_decision_duration_seconds_count") == http_total
     assert (
@@ -195,8 +221,14 @@ def test_reloads_are_counted_by_result(proxy: Proxy, tmp_path: Path) -> None:
     assert proxy.get(OFFICE, {"x-knoxcall-route": "renamed"}) == 200
     after = proxy.scrape()
     for labels in (
-        {"route": "-", "environment": "-", "decision": "denied", "reason": "route_not_found"},
-        {"route": "renamed", "environment": "production", "decision": "allowed", "reason": "client"},
+        {"route": "-", "environment": "-", "decision": "denied", "reason": "route_not_found", "report_only": "false"},
+        {
+            "route": "renamed",
+            "environment": "production",
+            "decision": "allowed",
+            "reason": "client",
+            "report_only": "false",
+        },
     ):
         assert (
             value(after, "knoxcall_requests_total", **labels) - value(before, "knoxcall_requests_total", **labels) == 1

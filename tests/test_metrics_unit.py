@@ -3,6 +3,7 @@ and the addon's option (off: nothing counted; a bad value: an OptionsError)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,6 +77,11 @@ def samples_of(registry_metrics: Metrics, name: str) -> dict[tuple[tuple[str, st
     }
 
 
+def labels(route: str, env: str, decision: str, reason: str, report_only: str = "false") -> tuple[tuple[str, str], ...]:
+    values = {"route": route, "environment": env, "decision": decision, "reason": reason, "report_only": report_only}
+    return tuple(sorted(values.items()))
+
+
 def test_labels_are_the_configs_names_and_callers_inventions_are_dashes(make_config) -> None:
     policy = load_policy(make_config(**{"k.yaml": CONFIG}))
     counted = Metrics()
@@ -87,10 +93,10 @@ def test_labels_are_the_configs_names_and_callers_inventions_are_dashes(make_con
     counted.request_decided(decide(policy, RequestFacts(peer="127.0.0.99", route="api")), 0.00002)
     found = samples_of(counted, "knoxcall_requests_total")
     assert found == {
-        (("decision", "denied"), ("environment", "-"), ("reason", "route_not_found"), ("route", "-")): 500,
-        (("decision", "denied"), ("environment", "-"), ("reason", "environment_not_found"), ("route", "api")): 500,
-        (("decision", "allowed"), ("environment", "production"), ("reason", "client"), ("route", "api")): 1,
-        (("decision", "denied"), ("environment", "production"), ("reason", "ip_not_whitelisted"), ("route", "api")): 1,
+        labels("-", "-", "denied", "route_not_found"): 500,
+        labels("api", "-", "denied", "environment_not_found"): 500,
+        labels("api", "production", "allowed", "client"): 1,
+        labels("api", "production", "denied", "ip_not_whitelisted"): 1,
     }
     assert len(counted._children) <= 2  # only the configs' own names are cached
     assert samples_of(counted, "knoxcall_decision_duration_seconds_count") == {(): 1002}
@@ -108,6 +114,31 @@ def test_a_route_the_new_config_dropped_is_a_dash(make_config, tmp_path: Path) -
     counted.request_decided(decide(policy, facts), 0.0)
     routes = {dict(labels)["route"] for labels in samples_of(counted, "knoxcall_requests_total")}
     assert routes == {"old", "-"}
+
+
+def test_report_mode_and_rate_limits_have_labels_of_their_own(make_config) -> None:
+    config = dict(CONFIG, routes=[{"name": "api", "mode": "report"}, {"name": "old"}])
+    policy = load_policy(make_config(**{"k.yaml": config}))
+    counted = Metrics()
+    counted.policy_installed(policy)
+    reported = decide(policy, RequestFacts(peer="127.0.0.99", route="api"))
+    assert reported.allowed and reported.report_only and reported.reason == "ip_not_whitelisted"
+    counted.request_decided(reported, 0.0)
+    allowed = decide(policy, RequestFacts(peer="127.0.0.9", route="api"))
+    over = dataclasses.replace(allowed, allowed=False, reason="rate_limited", status=429)
+    over_reported = dataclasses.replace(allowed, reason="rate_limited", report_only=True)
+    for _ in range(2):
+        counted.request_decided(over, 0.0)
+        counted.request_decided(over_reported, 0.0)
+    assert samples_of(counted, "knoxcall_requests_total") == {
+        labels("api", "production", "allowed", "ip_not_whitelisted", "true"): 1,
+        labels("api", "production", "denied", "rate_limited"): 2,
+        labels("api", "production", "allowed", "rate_limited", "true"): 2,
+    }
+    assert samples_of(counted, "knoxcall_rate_limit_refusals_total") == {
+        (("environment", "production"), ("report_only", "false"), ("route", "api")): 2,
+        (("environment", "production"), ("report_only", "true"), ("route", "api")): 2,
+    }
 
 
 def test_a_failing_update_never_raises_and_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
