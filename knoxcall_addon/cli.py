@@ -1,4 +1,4 @@
-"""The `knoxcall` command: check, explain, ping, new-key.
+"""The `knoxcall` command: check, explain, ping, new-key, logs.
 
 Exit codes: 0 fine, 1 config errors (or warnings with --strict, or a denied explain
 with --exit-code), 2 usage errors, 3 ICMP not permitted (ping).
@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
+from knoxcall_addon import loginsights
 from knoxcall_addon.connectivity import (
     ICMP_CAVEAT,
     Pinger,
@@ -66,6 +67,8 @@ def main(argv: Sequence[str] | None = None, *, pinger: Pinger = icmp_pinger, out
         return ping(args.config, settings, include_all=args.all, pinger=pinger, out=out)
     if args.command == "new-key":
         return new_key(args.type, args.name, out)
+    if args.command == "logs":
+        return loginsights.logs_command(args, out)
     if args.command == "echo":
         from knoxcall_addon.echoserver import serve
 
@@ -113,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("new-key", help="print a new random API key once, and its api_keys entry")
     p.add_argument("--type", choices=("live", "test"), default="live")
     p.add_argument("--name", default="new-key", help="name for the api_keys entry (default: new-key)")
+
+    p = sub.add_parser("logs", help="summary of the access log: denials, top refused callers and the fix for each")
+    loginsights.add_arguments(p)
 
     p = sub.add_parser("echo", help="a stand-in API for trying KnoxCall: answers with what each request carried")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

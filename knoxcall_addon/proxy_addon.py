@@ -18,7 +18,7 @@ from mitmproxy import command, connection, ctx, dns, exceptions, http, tcp, udp
 from mitmproxy import log as mitmproxy_log
 from mitmproxy.proxy import mode_specs, server_hooks
 
-from knoxcall_addon import launchguard
+from knoxcall_addon import launchguard, metrics
 from knoxcall_addon.accesslog import AccessLog, utc_timestamp
 from knoxcall_addon.configdiff import diff_configs
 from knoxcall_addon.connections import close_client_socket, decided_at_connect, refused_dns
@@ -72,6 +72,8 @@ class KnoxCall:
         self.streaming_bodies = False  # stream_large_bodies is set: denied bodies may be streamed
         self._killed: set[str] = set()  # ids of client connections whose HTTP flow we killed
         self.limiter = RateLimiter()  # rate limits: the store and its buckets outlive reloads
+        self.metrics_server: metrics.MetricsServer | None = None  # knoxcall_metrics
+        self.metrics: metrics.Metrics | None = None  # its counters; None when off: then nothing is counted
 
     # -- options -----------------------------------------------------------------------
 
@@ -96,6 +98,13 @@ class KnoxCall:
             bool,
             True,
             "Watch the config folder and put valid edits in force without a restart.",
+        )
+        loader.add_option(
+            "knoxcall_metrics",
+            str,
+            "",
+            "Serve Prometheus metrics (/metrics) and readiness (/healthz) on [HOST:]PORT "
+            "(HOST defaults to 127.0.0.1); empty for none.",
         )
         launchguard.check_options(loader)  # before mitmproxy applies --set values: a bad one drops the script
 
@@ -138,6 +147,8 @@ class KnoxCall:
             )
         if "stream_large_bodies" in updated:
             self.streaming_bodies = bool(ctx.options.stream_large_bodies)
+        if "knoxcall_metrics" in updated:
+            self._set_metrics(ctx.options.knoxcall_metrics)
         if "knoxcall_access_log" in updated:
             if self.access_log:
                 self.access_log.close()
@@ -157,6 +168,8 @@ class KnoxCall:
         self.current = LoadedPolicy(policy, time.time())
         self.limiter.install(policy.rate_limits, policy.settings)
         launchguard.activate(self)  # a policy in force: our hooks decide; until then the guard refuses all
+        if self.metrics is not None:
+            self.metrics.policy_installed(policy)
         config = policy.config
         logger.info(
             f"knoxcall: config {policy.version} loaded from {config.folder}: "
@@ -221,6 +234,7 @@ class KnoxCall:
             self.access_log.close()
             self.access_log = None
         self.limiter.stop()
+        self._set_metrics("")
 
     @command.command("knoxcall.explain")
     def explain(self, ip: str, route: str, env: str = "") -> str:
@@ -251,6 +265,7 @@ class KnoxCall:
     def _decide_request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         # A replayed flow (mitmweb's "replay") passes here again and is decided again.
         request_id = new_request_id()
+        started = time.perf_counter() if self.metrics is not None else 0.0
         request = flow.request
         # what the caller sent, before forward() re-targets the request
         method = request.method
@@ -262,7 +277,7 @@ class KnoxCall:
             # rate limits last: a request refused by any other check takes no token
             checked = self.limiter.check(policy.rate_limits, decide(policy, facts))
             if not isinstance(checked, tuple):
-                seen = (request_id, method, caller_host, path, user_agent)
+                seen = (request_id, method, caller_host, path, user_agent, started)
                 return self._decide_later(flow, checked, policy, seen)
             decision, rate_limit = checked
             if decision.allowed:
@@ -271,7 +286,7 @@ class KnoxCall:
             decision = self._internal_error(flow, request_id, e)
             caller_host = requested_host(request)
             user_agent = request.headers.get("user-agent")
-        self._settle(flow, decision, rate_limit, request_id, method, caller_host, path, user_agent)
+        self._settle(flow, decision, rate_limit, request_id, method, caller_host, path, user_agent, started)
         return None
 
     async def _decide_later(
@@ -305,9 +320,12 @@ class KnoxCall:
         caller_host: str,
         path: str,
         user_agent: str | None,
+        started: float = 0.0,
     ) -> None:
         """Log and annotate a decided request; answer it if refused."""
         request = flow.request
+        if self.metrics is not None:
+            self.metrics.request_decided(decision, time.perf_counter() - started)
         meta = {
             "request_id": request_id,
             "method": method,
@@ -460,6 +478,33 @@ class KnoxCall:
         if flow.killable:
             flow.kill()
 
+    # -- metrics -----------------------------------------------------------------------
+
+    def _set_metrics(self, value: str) -> None:
+        """Start, move or stop the metrics endpoint (see metrics.py); a bad value is an OptionsError."""
+        try:
+            policy = self.current.policy if self.current else None
+            self.metrics_server = metrics.reconfigure(self.metrics_server, value, self.metrics_state, policy)
+        except (ValueError, OSError) as e:
+            raise exceptions.OptionsError(f"knoxcall: knoxcall_metrics={value}: {e}") from None
+        self.metrics = self.metrics_server.metrics if self.metrics_server else None
+
+    def metrics_state(self) -> metrics.State:
+        """What /metrics and /healthz read at scrape time (in the metrics server's thread)."""
+        current = self.current
+        master = getattr(ctx, "master", None)
+        monitor = master.addons.get("connectivitymonitor") if master is not None else None
+        last = getattr(monitor, "last", None) if getattr(monitor, "interval", 0) > 0 else None
+        return metrics.State(
+            version=current.policy.version if current else None,
+            ready=current is not None and not launchguard.status_lines(self),
+            loaded_at=current.loaded_at if current else None,
+            reloads_ok=self.reload.reloads,
+            reloads_invalid=self.reload.invalid_reloads,
+            access_log_lost=self.access_log.lost_total if self.access_log else 0,
+            connectivity=None if last is None else tuple((client, r.status) for (client, _), r in list(last.items())),
+        )
+
     # -- internals ---------------------------------------------------------------------
 
     def _version(self) -> str:
@@ -492,6 +537,8 @@ class KnoxCall:
             "ts": utc_timestamp(time.time()),
         }
         self._log_decision(decision, request_id)
+        if self.metrics is not None:
+            self.metrics.connection_decided(decision, metrics.connection_kind(tunnel, raw, method))
         return decision, meta
 
     def _log_decision(self, decision: Decision, request_id: str) -> str:

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from knoxcall_addon.decision import Decision
+from knoxcall_addon.metrics import count_rate_limit_store_error
 from knoxcall_addon.model import Settings
 from knoxcall_addon.rateconfig import redacted_url
 from knoxcall_addon.ratelimit import (
@@ -420,6 +421,7 @@ class RateLimiter:
         return limited_decision(decision, result), result.info(now / 1_000_000)  # Redis's clock, as its buckets
 
     def _store_error(self, decision: Decision, checks: list[Check]) -> Checked:
+        count_rate_limit_store_error()  # /metrics (nothing when knoxcall_metrics is off)
         policy = self.settings.rate_limit_on_store_error
         if policy == "local":
             return self._local(decision, checks)

@@ -137,6 +137,7 @@ class HotReload:
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.reloads = 0  # successful reloads since start
+        self.invalid_reloads = 0  # reloads refused since start (an invalid config; the one in force stays)
         # (version, lines): the dangerous findings of the policy in force (by version, so
         # that no reference keeps a replaced policy alive)
         self.findings: tuple[str, tuple[str, ...]] = ("", ())
@@ -336,6 +337,7 @@ class HotReload:
                 installed = f"config {new.version} loaded (was {serving}): {summary}"
                 serving = new.version
         if result.status == "invalid":
+            self.invalid_reloads += 1
             problems = result.message or (format_problems(result.error) if result.error else "?")
             logger.error(f"knoxcall: config in {self.folder} is invalid, still serving {serving}: {problems}")
             return f"config invalid, still serving {serving}: {problems}"
