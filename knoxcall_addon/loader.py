@@ -7,7 +7,6 @@ names file, line and what is wrong; nothing is guessed or silently dropped.
 from __future__ import annotations
 
 import difflib
-import errno
 import os
 import posixpath
 import re
@@ -35,7 +34,7 @@ from knoxcall_addon.model import (
 )
 from knoxcall_addon.networks import pack_networks, pack_plain_network
 from knoxcall_addon.rateconfig import RATE_LIMIT_SETTINGS, read_rate_limit, read_rate_limit_settings
-from knoxcall_addon.yamlsource import YAML_SUFFIXES, LocatedDict, LocatedList, elide, read_folder
+from knoxcall_addon.yamlsource import LocatedDict, LocatedList, check_folder, elide, read_folder
 
 ENVIRONMENT_NAME = re.compile(r"^[a-z0-9_-]+$")
 OBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -83,33 +82,6 @@ def load_config(folder: str | Path) -> Config:
         builder.add_file(source.data, str(source.path))
     config = builder.build(version=version, folder=str(path), files=tuple(str(s.path) for s in sources))
     return config
-
-
-def check_folder(folder: str | Path) -> Path:
-    """``folder`` as a Path if it names a folder; else ConfigError saying what it is.
-
-    The one place that judges the config folder itself, so that ``knoxcall`` and the
-    addon's ``knoxcall_config`` say the same words. Messages name the absolute path: a
-    relative one is relative to a working directory the reader may not know. An empty
-    name is refused rather than read as ``.`` (which ``Path("")`` is).
-    """
-    if not str(folder).strip():
-        raise ConfigError([Problem(Location('""', 0), "the config folder name is empty: name a folder, e.g. config")])
-    path = Path(folder)
-    where = Location(os.path.abspath(path), 0)
-    if path.is_dir():
-        return path
-    if path.exists():
-        hint = f"; name the folder that holds it, {os.path.dirname(where.file)}" if path.suffix in YAML_SUFFIXES else ""
-        raise ConfigError([Problem(where, f"the config folder is a file, not a folder{hint}")])
-    if path.is_symlink():
-        try:
-            os.stat(path)
-        except OSError as e:
-            if e.errno == errno.ELOOP:  # e.g. `current -> current` for a moment during a release swap
-                raise ConfigError([Problem(where, "the config folder is a symlink loop")]) from None
-        raise ConfigError([Problem(where, "the config folder is a broken symlink (its target does not exist)")])
-    raise ConfigError([Problem(where, "config folder does not exist")])
 
 
 class _Builder:

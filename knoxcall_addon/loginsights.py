@@ -420,6 +420,9 @@ def logs_command(args: argparse.Namespace, out: TextIO) -> int:
     since_epoch = datetime.fromisoformat(since.replace("Z", "+00:00")).timestamp() if since else None
     files = files_to_read([n for n in names if n != "-"], not args.no_rotated, since_epoch)
     summary = Summary(route=args.route, environment=args.env, since=since)
+    # --follow opens the file before the summary reads it: what is written meanwhile is
+    # followed (perhaps counted in the summary too), never lost between the two
+    followed = _open_at_end(Path(names[-1])) if args.follow else None
     if "-" in names:
         summary.read(sys.stdin.buffer)
     try:
@@ -438,18 +441,26 @@ def logs_command(args: argparse.Namespace, out: TextIO) -> int:
         out.write(render(data) + "\n")
     out.flush()
     if args.follow:
-        follow(Path(names[-1]), summary, advisor, args.format, out)
+        follow(Path(names[-1]), summary, advisor, args.format, out, stream=followed)
     return 0
 
 
-def follow(path: Path, summary: Summary, advisor: Advisor, fmt: str, out: TextIO, rounds: int | None = None) -> None:
+def follow(
+    path: Path,
+    summary: Summary,
+    advisor: Advisor,
+    fmt: str,
+    out: TextIO,
+    rounds: int | None = None,
+    stream: IO[bytes] | None = None,
+) -> None:
     """Print each refusal written to ``path`` from now on (one line each, or JSON lines), following
     rotation like ``tail -F``; until interrupted (or ``rounds`` polls, for callers that need an end)."""
     if fmt == "text":
         out.write(f"following {path} (Ctrl-C to stop)...\n")
         out.flush()
     try:
-        for record in tail(path, rounds):
+        for record in tail(path, rounds, stream):
             if not summary.add(record):
                 continue
             denied = record.get("decision") == "denied"
@@ -476,10 +487,12 @@ def event_text(event: dict[str, Any]) -> str:
     return f"{event['ts']} {verb} {event['reason']} {event['client_ip']} on {where}" + (f": {extra}" if extra else "")
 
 
-def tail(path: Path, rounds: int | None = None) -> Iterator[dict[str, Any]]:
-    """Records appended to ``path`` from its current end on; a moved or truncated file is
-    finished, then the new one at the path is read from its start."""
-    stream = _open_at_end(path)
+def tail(path: Path, rounds: int | None = None, stream: IO[bytes] | None = None) -> Iterator[dict[str, Any]]:
+    """Records appended to ``path`` from its current end (or from where ``stream``, opened on
+    it earlier, stands) on; a moved or truncated file is finished, then the new one at the
+    path is read from its start."""
+    if stream is None:
+        stream = _open_at_end(path)
     done = 0
     partial = b""
     while rounds is None or done < rounds:
