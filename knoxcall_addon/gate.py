@@ -27,6 +27,7 @@ from knoxcall_addon.decision import (
 )
 from knoxcall_addon.ipmatch import parse_ip
 from knoxcall_addon.policy import Policy
+from knoxcall_addon.replay import remember
 
 _PREFIX_BYTES = HEADER_PREFIX.encode()
 _XFF_BYTES = b"x-forwarded-for"
@@ -262,6 +263,7 @@ def forward(flow: http.HTTPFlow, decision: Decision, policy: Policy | None = Non
     else:
         fields[forwarded_at] = (forwarded_name, joined)
     request.headers.fields = tuple(fields)
+    remember(flow, decision.route, decision.environment, decision.target_url is not None)
     if decision.target_url:
         target = urlsplit(decision.target_url)
         request.scheme = target.scheme

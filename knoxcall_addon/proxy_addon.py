@@ -48,6 +48,7 @@ from knoxcall_addon.policy import Policy, load_policy
 from knoxcall_addon.ratelimit import header_fields
 from knoxcall_addon.ratestore import Checked, RateLimiter
 from knoxcall_addon.reloader import HotReload, release_free_memory
+from knoxcall_addon.replay import forget_key, restore
 from knoxcall_addon.status import LoadedPolicy, status_lines
 
 logger = logging.getLogger("knoxcall")
@@ -272,6 +273,9 @@ class KnoxCall:
         path = request.path
         rate_limit = None
         try:
+            if flow.is_replay == "request":  # decided as the original was (replay.py)
+                restore(flow, peer_host(flow))
+                method, path = request.method, request.path
             policy = self._policy()
             facts, caller_host, user_agent = read_request(flow, policy, method, path)
             # rate limits last: a request refused by any other check takes no token
@@ -339,6 +343,7 @@ class KnoxCall:
         self._annotate(flow, decision, meta, line)
         self._pending.add(flow.id)
         if not decision.allowed:
+            forget_key(request)
             self._refuse_request(flow, denial_response(decision, request_id, request.method))
 
     def _refuse_request(self, flow: http.HTTPFlow, response: http.Response) -> None:
