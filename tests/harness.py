@@ -16,11 +16,13 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from knoxcall_addon.echoserver import EchoHandler
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "knoxcall_addon" / "addon.py"
@@ -34,30 +36,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-class _EchoHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def _echo(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        seen = {
-            "upstream": self.server.name,  # type: ignore[attr-defined]
-            "method": self.command,
-            "path": self.path,
-            "headers": [[k, v] for k, v in self.headers.items()],
-            "body": body.decode("utf-8", "replace"),
-            "peer": self.client_address[0],
-        }
-        self.server.seen.append(seen)  # type: ignore[attr-defined]
-        payload = json.dumps(seen).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(payload)
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _echo
+class _EchoHandler(EchoHandler):
+    """`knoxcall echo`'s handler, quiet: the upstream of every end-to-end test."""
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
