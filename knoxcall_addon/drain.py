@@ -53,7 +53,6 @@ class Drain:
         self.timeout = DEFAULT_TIMEOUT
         self.health_visible = False  # knoxcall_metrics is on: /healthz can tell a balancer
         self.draining = False
-        self.since: float | None = None  # when SIGTERM came (Unix time)
         self._master: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -115,7 +114,6 @@ class Drain:
             self._master.shutdown()
             return
         self.draining = True
-        self.since = time.time()
         assert self._loop is not None
         self._task = self._loop.create_task(self._drain(), name="knoxcall-drain")
 
@@ -185,12 +183,6 @@ class Drain:
         if self._master is not None:
             addons = self._master.addons
             addons.chain = [a for a in addons.chain if a is not self._closing]
-
-    def status_line(self) -> str | None:
-        """For knoxcall.status: None unless draining."""
-        if not self.draining or self.since is None:
-            return None
-        return f"draining since {time.strftime('%H:%M:%S', time.localtime(self.since))}: /healthz says not ready"
 
 
 class _Closing:
