@@ -12,6 +12,8 @@ Sections (``--sections``, default all):
 - ``ratelimit``: what rate limiting costs: mitmdump with the large config and a client limit
   that never refuses, counted in memory and in Redis (a redis-server on a free loopback port),
   against the same config without limits, alternated round by round in one run.
+- ``scaleout``: requests/s through a real nginx to one and to two workers, alternated, with
+  each process's CPU per request; and a config edit's time to reach both workers (scaleout.py).
 
 Everything runs on loopback; every loop is bounded in count and time.
 """
@@ -49,6 +51,7 @@ from benchmarks.configgen import (
     big_file_client,
     generate,
 )
+from benchmarks.scaleout import bench_scaleout, print_scaleout
 from knoxcall_addon.decision import RequestFacts, decide
 from knoxcall_addon.policy import Policy, forget_previous_load, load_policy
 
@@ -56,7 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "knoxcall_addon" / "addon.py"
 NOOP_ADDON = ROOT / "benchmarks" / "noop_addon.py"
 BIN = Path(sys.executable).parent
-SECTIONS = ("micro", "e2e", "load", "reload", "ratelimit")
+SECTIONS = ("micro", "e2e", "load", "reload", "ratelimit", "scaleout")
 # the same for bare and addon runs: reverse mode, lazy upstream connections, quiet terminal
 MITM_FLAGS = ["--set", "connection_strategy=lazy", "--set", "keep_host_header=true",
               "--set", "termlog_verbosity=warn", "--set", "flow_detail=0"]  # fmt: skip
@@ -659,6 +662,8 @@ def print_table(report: dict[str, Any]) -> None:
             print(line)
         if "redis_note" in r:
             print(r["redis_note"])
+    if "scaleout" in report:
+        print_scaleout(report["scaleout"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -699,6 +704,8 @@ def main(argv: list[str] | None = None) -> int:
             report["reload"] = bench_reload(large, work, args.quick)
         if "ratelimit" in sections:
             report["ratelimit"] = bench_ratelimit(large, work, args.quick, args.connections)
+        if "scaleout" in sections:
+            report["scaleout"] = bench_scaleout(large, work, args.quick, args.connections, sys.modules[__name__])
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

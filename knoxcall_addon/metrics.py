@@ -5,7 +5,7 @@
   rest at scrape time (config version, reloads, connectivity, access-log lines lost).
 - `MetricsServer`: ``/metrics`` (prometheus_client's WSGI app: text format, OpenMetrics,
   gzip) and ``/healthz`` (200 with the config version while a policy is in force and
-  KnoxCall's hooks decide, 503 otherwise), served by a stdlib server thread: never on
+  KnoxCall's hooks decide, 503 otherwise, and while draining before a stop), served by a stdlib server thread: never on
   mitmproxy's event loop, never through the proxy.
 
 Per request the proxy pays one dict lookup and a counter increment on a label child bound
@@ -67,6 +67,7 @@ class State:
     access_log_lost: int = 0  # access-log lines that could not be written, since start
     # (client, status) per monitored address; None when connectivity monitoring is off
     connectivity: tuple[tuple[str, str], ...] | None = None
+    draining: bool = False  # SIGTERM came: not ready, stopping soon (drain.py)
 
 
 def parse_address(value: str) -> tuple[str, int]:
@@ -379,6 +380,8 @@ class MetricsServer:
             body = {"status": "ready", "config_version": state.version}
             return _answer(start_response, "200 OK", body, environ.get("REQUEST_METHOD") == "HEAD")
         why = "no config in force" if state.version is None else "KnoxCall's hooks are not active"
+        if state.draining:
+            why = "draining: this proxy is stopping (SIGTERM)"
         body = {"status": "not ready", "reason": why}
         return _answer(start_response, "503 Service Unavailable", body, environ.get("REQUEST_METHOD") == "HEAD")
 

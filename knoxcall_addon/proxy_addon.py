@@ -30,6 +30,7 @@ from knoxcall_addon.decision import (
     decide_raw_flow,
     internal_error,
 )
+from knoxcall_addon.drain import Drain
 from knoxcall_addon.eventlog import SKIP_LEGACY, flow_comment, log_decision
 from knoxcall_addon.explain import explain_text
 from knoxcall_addon.gate import (
@@ -75,6 +76,7 @@ class KnoxCall:
         self.limiter = RateLimiter()  # rate limits: the store and its buckets outlive reloads
         self.metrics_server: metrics.MetricsServer | None = None  # knoxcall_metrics
         self.metrics: metrics.Metrics | None = None  # its counters; None when off: then nothing is counted
+        self.drain = Drain(lambda: len(self._pending))  # graceful stop on SIGTERM (drain.py)
 
     # -- options -----------------------------------------------------------------------
 
@@ -107,6 +109,7 @@ class KnoxCall:
             "Serve Prometheus metrics (/metrics) and readiness (/healthz) on [HOST:]PORT "
             "(HOST defaults to 127.0.0.1); empty for none.",
         )
+        self.drain.load(loader)
         launchguard.check_options(loader)  # before mitmproxy applies --set values: a bad one drops the script
 
     def configure(self, updated: set[str]) -> None:
@@ -150,6 +153,7 @@ class KnoxCall:
             self.streaming_bodies = bool(ctx.options.stream_large_bodies)
         if "knoxcall_metrics" in updated:
             self._set_metrics(ctx.options.knoxcall_metrics)
+        self.drain.configure(updated)
         if "knoxcall_access_log" in updated:
             if self.access_log:
                 self.access_log.close()
@@ -186,6 +190,7 @@ class KnoxCall:
             logger.error(problem)  # at startup: mitmdump exits 1
         self._running = True
         self._start_watcher()
+        self.drain.running()
 
     def _start_watcher(self) -> None:
         try:
@@ -236,6 +241,7 @@ class KnoxCall:
             self.access_log = None
         self.limiter.stop()
         self._set_metrics("")
+        self.drain.done()
 
     @command.command("knoxcall.explain")
     def explain(self, ip: str, route: str, env: str = "") -> str:
@@ -502,7 +508,8 @@ class KnoxCall:
         last = getattr(monitor, "last", None) if getattr(monitor, "interval", 0) > 0 else None
         return metrics.State(
             version=current.policy.version if current else None,
-            ready=current is not None and not launchguard.status_lines(self),
+            ready=current is not None and not launchguard.status_lines(self) and not self.drain.draining,
+            draining=self.drain.draining,
             loaded_at=current.loaded_at if current else None,
             reloads_ok=self.reload.reloads,
             reloads_invalid=self.reload.invalid_reloads,

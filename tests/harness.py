@@ -142,11 +142,12 @@ class MitmDump:
         except OSError:
             return False
 
-    def stop(self) -> int | None:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
+        """Stop with ``sig`` (SIGTERM drains first, see drain.py; SIGINT stops at once) and wait."""
         if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(sig)
             try:
-                self.process.wait(10)
+                self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)

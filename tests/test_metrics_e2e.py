@@ -91,6 +91,7 @@ def proxy(tmp_path: Path) -> Iterator[Proxy]:
     with Upstream("main") as upstream:
         write_yaml(config / "k.yaml", config_for(upstream))
         extra = ["--set", f"knoxcall_metrics=127.0.0.1:{port}", "--set", "knoxcall_ping_interval=1"]
+        extra += ["--set", "knoxcall_drain_seconds=0"]  # stopped between tests: no balancer to wait for
         with MitmDump(config, access_log=tmp_path / "access.jsonl", extra=extra) as dump:
             yield Proxy(dump, upstream, port)
 
