@@ -10,24 +10,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from mitmproxy import command, connection, ctx, dns, exceptions, http, tcp, udp
+from mitmproxy import command, ctx, exceptions, http
 from mitmproxy import log as mitmproxy_log
-from mitmproxy.proxy import mode_specs, server_hooks
 
 from knoxcall_addon import launchguard, metrics
 from knoxcall_addon.accesslog import AccessLog, utc_timestamp
 from knoxcall_addon.configdiff import diff_configs
-from knoxcall_addon.connections import close_client_socket, decided_at_connect, refused_dns
+from knoxcall_addon.connections import ConnectionHooks
 from knoxcall_addon.decision import (
     REQUEST_ID_HEADER,
     Decision,
     decide,
-    decide_connection,
-    decide_raw_flow,
     internal_error,
 )
 from knoxcall_addon.drain import Drain
@@ -60,7 +57,7 @@ DENIED_MARKER = ":no_entry:"
 REPORT_MARKER = ":warning:"  # let through in report mode: would be refused when enforced
 
 
-class KnoxCall:
+class KnoxCall(ConnectionHooks):
     """Client IP authorization per route and environment."""
 
     def __init__(self) -> None:
@@ -368,23 +365,6 @@ class KnoxCall:
         else:
             flow.response = response
 
-    def http_connect(self, flow: http.HTTPFlow) -> None:
-        """CONNECT in forward mode: refuse tunnels from peers that nothing could allow."""
-        if flow.response or flow.error:
-            return
-        with refusing_on_error("a CONNECT", lambda: self._refuse_request(flow, internal_error_response(flow))):
-            self._decide_connect(flow)
-
-    def _decide_connect(self, flow: http.HTTPFlow) -> None:
-        decision, meta = self._decide_connection(
-            peer_host(flow), flow.request.pretty_host, "CONNECT", tunnel=True
-        )
-        meta["status"] = 200 if decision.allowed else decision.status
-        self._annotate(flow, decision, meta)
-        self._write_access_log(meta)
-        if not decision.allowed:
-            flow.response = denial_response(decision, meta["request_id"])
-
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """Every response we make or forward carries the request id (also when streamed)."""
         meta = flow.metadata.get(METADATA_KEY)
@@ -406,88 +386,6 @@ class KnoxCall:
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._complete(flow)
-
-    # -- raw connections: TCP, UDP, DNS ------------------------------------------------
-
-    def client_connected(self, client: connection.Client) -> None:
-        """In modes that carry only raw traffic (reverse:tcp, :udp, :dns...), decide at once.
-
-        Setting ``client.error`` here is how mitmproxy's own block addon closes a
-        connection before any layer runs.
-        """
-        if not decided_at_connect(client):
-            return
-        with refusing_on_error("a connection", lambda: setattr(client, "error", "knoxcall: internal error")):
-            self._decide_client(client)
-
-    def _decide_client(self, client: connection.Client) -> None:
-        mode = client.proxy_mode
-        assert isinstance(mode, mode_specs.ReverseMode)
-        decision, meta = self._decide_connection(str(client.peername[0]), mode.address[0], None, tunnel=False)
-        self._write_access_log(meta)
-        if not decision.allowed:
-            client.error = f"knoxcall: connection refused ({decision.reason})"
-
-    def tcp_start(self, flow: tcp.TCPFlow) -> None:
-        with refusing_on_error("a TCP flow", lambda: self._refuse_raw(flow)):
-            self._start_raw_flow(flow)
-
-    def udp_start(self, flow: udp.UDPFlow) -> None:
-        with refusing_on_error("a UDP flow", lambda: self._refuse_raw(flow)):
-            self._start_raw_flow(flow)
-
-    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
-        """A refused raw flow never reaches its server (mitmproxy ignores kill() at tcp_start)."""
-        if data.client.id in self._refused:
-            data.server.error = "knoxcall: connection refused"
-
-    def tcp_message(self, flow: tcp.TCPFlow) -> None:
-        """Belt and braces: nothing of a refused flow is relayed, even if a server was connected."""
-        if flow.client_conn.id in self._refused and flow.messages:
-            flow.messages[-1].content = b""
-
-    def udp_message(self, flow: udp.UDPFlow) -> None:
-        if flow.client_conn.id in self._refused and flow.messages:
-            flow.messages[-1].content = b""
-
-    def client_disconnected(self, client: connection.Client) -> None:
-        self._refused.discard(client.id)
-        if client.id in self._killed:
-            self._killed.discard(client.id)
-            close_client_socket(client)
-
-    def dns_request(self, flow: dns.DNSFlow) -> None:
-        if flow.response or flow.error or decided_at_connect(flow.client_conn):
-            return
-        with refusing_on_error("a DNS request", lambda: setattr(flow, "response", refused_dns(flow))):
-            self._decide_dns(flow)
-
-    def _decide_dns(self, flow: dns.DNSFlow) -> None:
-        decision, meta = self._decide_connection(peer_host(flow), None, "DNS", tunnel=False)
-        self._annotate(flow, decision, meta)
-        self._write_access_log(meta)
-        if not decision.allowed:
-            flow.response = refused_dns(flow)
-
-    def _start_raw_flow(self, flow: tcp.TCPFlow | udp.UDPFlow) -> None:
-        """Refuse a TCP/UDP flow (see decide_raw_flow): it is cut off from its server.
-
-        Only the raw reverse modes carry raw traffic, decided when the client connects.
-        """
-        if flow.client_conn.id in self._refused or decided_at_connect(flow.client_conn):
-            return
-        host = str(flow.server_conn.address[0]) if flow.server_conn.address else None
-        decision, meta = self._decide_connection(peer_host(flow), host, None, tunnel=False, raw=True)
-        self._annotate(flow, decision, meta)
-        self._write_access_log(meta)
-        if not decision.allowed:
-            self._refuse_raw(flow)
-
-    def _refuse_raw(self, flow: tcp.TCPFlow | udp.UDPFlow) -> None:
-        """Cut a raw flow off its server: no connection, nothing relayed (see server_connect)."""
-        self._refused.add(flow.client_conn.id)
-        if flow.killable:
-            flow.kill()
 
     # -- metrics -----------------------------------------------------------------------
 
@@ -527,31 +425,6 @@ class KnoxCall:
         if self.current is None:
             raise RuntimeError("no policy loaded")
         return self.current.policy
-
-    def _decide_connection(
-        self, peer: str, host: str | None, method: str | None, *, tunnel: bool, raw: bool = False
-    ) -> tuple[Decision, dict[str, Any]]:
-        """Decide a connection that carries no request we can read; log the decision."""
-        request_id = new_request_id()
-        try:
-            policy = self._policy()
-            decision = decide_raw_flow(policy, peer) if raw else decide_connection(policy, peer, tunnel=tunnel)
-        except Exception as e:
-            logger.exception(f"knoxcall: error while deciding connection {request_id}; denying it")
-            decision = internal_error(peer, peer, f"{type(e).__name__}: {e}", self._version())
-        meta: dict[str, Any] = {
-            "request_id": request_id,
-            "method": method,
-            "host": host,
-            "path": None,
-            **decision.fields(),
-            "status": None,  # a raw connection has no status; "decision" says it all
-            "ts": utc_timestamp(time.time()),
-        }
-        self._log_decision(decision, request_id)
-        if self.metrics is not None:
-            self.metrics.connection_decided(decision, metrics.connection_kind(tunnel, raw, method))
-        return decision, meta
 
     def _log_decision(self, decision: Decision, request_id: str) -> str:
         return log_decision(decision, request_id)
@@ -605,18 +478,3 @@ def refuse_to_start(error: ConfigError) -> NoReturn:
         with contextlib.suppress(Exception):
             handler.flush()
     raise SystemExit(1)
-
-
-@contextlib.contextmanager
-def refusing_on_error(what: str, refuse: Callable[[], None]) -> Iterator[None]:
-    """Fail closed: any error while deciding (or logging, or annotating) refuses the flow.
-
-    mitmproxy logs an exception from a hook and then carries on as if the hook had
-    allowed the flow; this turns every such error into a refusal.
-    """
-    try:
-        yield
-    except Exception:
-        logger.exception(f"knoxcall: unexpected error while deciding {what}; refusing it")
-        refuse()
-
