@@ -31,6 +31,7 @@ from knoxcall_addon.lint import RULES, Finding, lint
 from knoxcall_addon.loader import OBJECT_NAME
 from knoxcall_addon.model import Config, ConfigError
 from knoxcall_addon.policy import Policy, load_policy
+from knoxcall_addon.secretsource import secret_lines
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
@@ -213,7 +214,7 @@ def config_notes(config: Config) -> list[str]:
         "an 'environments' list replaces it"
         for env in config.environments.values()
         if env.implicit
-    ]
+    ] + secret_lines(config)  # which value each secret has (a fingerprint, never the value)
 
 
 # -- explain -----------------------------------------------------------------------------

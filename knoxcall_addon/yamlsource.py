@@ -557,3 +557,30 @@ def folder_version(folder: Path) -> str:
 def _hash_file(digest: Any, path: Path, raw: bytes) -> None:
     """One file's share of the config version (shared by read_folder and folder_version)."""
     digest.update(path.name.encode() + b"\0" + raw + b"\0")
+
+
+def check_folder(folder: str | Path) -> Path:
+    """``folder`` as a Path if it names a folder; else ConfigError saying what it is.
+
+    The one place that judges the config folder itself, so that ``knoxcall`` and the
+    addon's ``knoxcall_config`` say the same words. Messages name the absolute path: a
+    relative one is relative to a working directory the reader may not know. An empty
+    name is refused rather than read as ``.`` (which ``Path("")`` is).
+    """
+    if not str(folder).strip():
+        raise ConfigError([Problem(Location('""', 0), "the config folder name is empty: name a folder, e.g. config")])
+    path = Path(folder)
+    where = Location(os.path.abspath(path), 0)
+    if path.is_dir():
+        return path
+    if path.exists():
+        hint = f"; name the folder that holds it, {os.path.dirname(where.file)}" if path.suffix in YAML_SUFFIXES else ""
+        raise ConfigError([Problem(where, f"the config folder is a file, not a folder{hint}")])
+    if path.is_symlink():
+        try:
+            os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:  # e.g. `current -> current` for a moment during a release swap
+                raise ConfigError([Problem(where, "the config folder is a symlink loop")]) from None
+        raise ConfigError([Problem(where, "the config folder is a broken symlink (its target does not exist)")])
+    raise ConfigError([Problem(where, "config folder does not exist")])
