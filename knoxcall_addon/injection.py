@@ -34,7 +34,6 @@ from typing import Any
 from mitmproxy import http
 
 from knoxcall_addon.secretsource import Injection
-from knoxcall_addon.signing import SIGNED_HEADERS
 
 logger = logging.getLogger("knoxcall")
 
@@ -116,9 +115,3 @@ def wire_request(request: http.Request) -> http.Request:
     sent.data = copy.copy(request.data)
     sent.data.headers = http.Headers(fields)
     return sent
-
-
-def strip_signature_headers(flow: http.HTTPFlow) -> None:
-    """X-Signature, X-Timestamp and X-Nonce go no further than the proxy that checked them."""
-    request = flow.request
-    request.headers.fields = tuple(f for f in request.headers.fields if f[0].lower() not in SIGNED_HEADERS)

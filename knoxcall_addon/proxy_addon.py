@@ -42,6 +42,7 @@ from knoxcall_addon.gate import (
     peer_host,
     read_request,
     requested_host,
+    strip_signature_headers,
 )
 from knoxcall_addon.model import ConfigError
 from knoxcall_addon.policy import Policy, load_policy
@@ -341,7 +342,7 @@ class KnoxCall:
         if not isinstance(checked, Decision):
             return self._later(flow, checked, lambda decision: self._signed(flow, decision, rate_limit, policy, seen))
         if checked.allowed:
-            injection.strip_signature_headers(flow)
+            strip_signature_headers(flow)
             self._forward(flow, checked, policy)
         self._settle(flow, checked, rate_limit, *seen)
         return None

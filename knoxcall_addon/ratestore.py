@@ -559,8 +559,15 @@ class RateLimiter:
             f"{len(self.local.buckets)} buckets in this process (at most {self.local.max_buckets}; "
             f"{self.local.dropped_early} dropped before they were full)"
         )
+        nonces = self.nonces
+        if nonces.seen or nonces.refused_full:
+            memory = "shared through Redis; here only while it cannot be asked" if self.redis else "this process"
+            signed = (f"signed requests: {len(nonces.seen)} nonces remembered in memory ({memory}; at most "
+                      f"{nonces.max_entries}, {nonces.refused_full} refused while full)")  # fmt: skip
+        else:
+            signed = ""
         if self.settings.rate_limit_store == "memory":
-            return [f"rate limits: {counts}; store: memory (this process), {local}"]
+            return [f"rate limits: {counts}; store: memory (this process), {local}", *filter(None, [signed])]
         if self.unreachable_since is None:
             health = "reachable" if self.reachable else "not asked yet"
         else:
@@ -572,4 +579,5 @@ class RateLimiter:
         return [
             f"rate limits: {counts}; store: {redacted_url(self.settings.rate_limit_store)} (shared), {health}",
             f"rate limits, local buckets: {local}",
+            *filter(None, [signed]),
         ]

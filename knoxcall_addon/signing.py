@@ -198,7 +198,7 @@ def verify(
 
 def nonce_key(client: str, nonce: bytes) -> str:
     """The name a (client, nonce) pair is remembered by."""
-    return f"{client}\0{nonce.decode('ascii')}"
+    return f"{client}:{nonce.decode('ascii')}"  # (a client name holds no colon)
 
 
 class NonceMemory:
@@ -312,17 +312,16 @@ def refused(decision: Decision, reason: str, detail: str) -> Decision:
     )
 
 
-def explain_lines(spec: SignatureSpec | None, client_keys: Mapping[tuple[str, str], tuple[bytes, ...]],
-                  client: str | None, environment: str | None) -> list[str]:  # fmt: skip
+def explain_lines(
+    spec: SignatureSpec, client_keys: Mapping[tuple[str, str], tuple[bytes, ...]], client: str | None, environment: str
+) -> list[str]:
     """For `knoxcall explain`: what a signed route asks of the caller."""
-    if spec is None:
-        return []
     what = "X-Timestamp, X-Nonce and X-Signature" if spec.nonce else "X-Timestamp and X-Signature"
-    lines = [f"  signature: required ({what}, within {spec.tolerance_sec} s"
-             + (", each nonce once" if spec.nonce else "") + "; checked once the body is in)"]  # fmt: skip
+    once = ", each nonce once" if spec.nonce else ""
+    lines = [f"  signature: required ({what}, within {spec.tolerance_sec} s{once}; checked once the body is in)"]
     if client is None:
         lines.append("    no client matched (open route or test key): refused, no secret to check it with")
     else:
-        count = len(client_keys.get((client, environment or ""), ()))
+        count = len(client_keys.get((client, environment), ()))
         lines.append(f"    client {client} has {count} signing secret(s) here; any one may sign")
     return lines

@@ -6,7 +6,9 @@ import hashlib
 import re
 import socket
 import ssl
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -148,3 +150,55 @@ def h2_concurrent(
                     streams[event.stream_id]["done"] = True
             sock.sendall(conn.data_to_send())
         return [(int(s["headers"][":status"]), s["headers"], s["body"]) for s in streams.values()]
+
+
+class Recorder:
+    """An upstream that records each request and answers ``{"ok": true}`` (it never echoes).
+
+    A path containing ``hold`` is answered only when ``release`` is set (at most 20 s), so that
+    a test can look at the flow while the upstream has it.
+    """
+
+    def __init__(self) -> None:
+        recorder = self
+        self.seen: list[dict[str, Any]] = []
+        self.arrived = threading.Event()
+        self.release = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                recorder.seen.append({"path": self.path, "headers": list(self.headers.items()), "body": body})
+                if "hold" in self.path:
+                    recorder.arrived.set()
+                    recorder.release.wait(20)
+                payload = b'{"ok": true}'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def headers(self, index: int = -1) -> dict[str, list[str]]:
+        result: dict[str, list[str]] = {}
+        for name, value in self.seen[index]["headers"]:
+            result.setdefault(name.lower(), []).append(value)
+        return result
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()

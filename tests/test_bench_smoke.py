@@ -37,3 +37,16 @@ def test_microbenchmark_runs_and_agrees_with_the_naive_scan(capsys):
         assert 0 < s["allowed_share"] < 1  # allowed and denied mixed
         assert s["naive_samples"] > 0
         assert s["naive_mismatches"] == 0
+
+
+def test_the_secrets_section_configs_load_and_do_what_they_say(tmp_path, monkeypatch):
+    monkeypatch.setenv("KC_BENCH_TOKEN", "t")
+    monkeypatch.setenv("KC_BENCH_SIGN", "s")
+    for variant in bench.SECRET_VARIANTS:
+        folder = tmp_path / variant
+        folder.mkdir()
+        (folder / "knoxcall.yaml").write_text(bench.secrets_bench_file(variant))
+        policy = load_policy(folder)
+        injects = any(route == BENCH_ROUTE for route, _ in policy.injections)
+        assert injects == (variant in ("inject", "both"))
+        assert (BENCH_ROUTE in policy.signatures) == (variant in ("signed", "both"))

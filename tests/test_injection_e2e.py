@@ -9,12 +9,13 @@ access logs. Every one of those is searched for the values.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import httpx
 import pytest
 from mitmproxy import io
 
-from tests.e2e_util import h2_client
+from tests.e2e_util import Recorder, h2_client
 from tests.harness import MitmDump, client_from, free_port
 
 OFFICE = "127.0.0.9"
@@ -52,58 +53,6 @@ assignments:
   partner: {production: [office], staging: [office]}
   bare: {production: [office]}
 """
-
-
-class Recorder:
-    """An upstream that records each request and answers ``{"ok": true}`` (it never echoes).
-
-    A path containing ``hold`` is answered only when ``release`` is set (at most 20 s), so that
-    a test can look at the flow while the upstream has it.
-    """
-
-    def __init__(self) -> None:
-        recorder = self
-        self.seen: list[dict[str, Any]] = []
-        self.arrived = threading.Event()
-        self.release = threading.Event()
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _answer(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                recorder.seen.append({"path": self.path, "headers": list(self.headers.items()), "body": body})
-                if "hold" in self.path:
-                    recorder.arrived.set()
-                    recorder.release.wait(20)
-                payload = b'{"ok": true}'
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            do_GET = do_POST = _answer
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def headers(self, index: int = -1) -> dict[str, list[str]]:
-        result: dict[str, list[str]] = {}
-        for name, value in self.seen[index]["headers"]:
-            result.setdefault(name.lower(), []).append(value)
-        return result
-
-    def close(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -248,8 +197,12 @@ def test_mitmweb_shows_the_placeholder_while_the_upstream_has_the_request_and_af
         dump = web.api.get("/flows/dump")
         assert dump.status_code == 200
         assert_nowhere(values, text, dump.content)
-        flows = list(io.FlowReader(__import__("io").BytesIO(dump.content)).stream())
+        flows = list(io.FlowReader(BytesIO(dump.content)).stream())
         assert [f.request.headers["authorization"] for f in flows] == [PLACEHOLDER]
+        status = web.api.post("/commands/knoxcall.status", json={"arguments": []}).json()["value"]
+        fingerprint = hashlib.sha256(setup["values"]["production"].encode()).hexdigest()[:8]
+        assert f"production: environment variable KC_TEST_PARTNER_TOKEN sha256:{fingerprint}" in status
+        assert_nowhere(values, status)
     assert_nowhere(values, web.proxy.log_text())
 
 
