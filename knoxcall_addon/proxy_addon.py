@@ -310,6 +310,7 @@ class KnoxCall:
         refusal = before_body(decision, bool(streamed))
         if refusal is None:
             self._awaiting_body[flow.id] = (decision, rate_limit, policy, seen)
+            flow.metadata[METADATA_KEY] = {"request_id": seen[0], "signature": "pending"}  # (see `request`)
         return refusal
 
     def _forward(self, flow: http.HTTPFlow, decision: Decision, policy: Policy) -> None:
@@ -322,6 +323,10 @@ class KnoxCall:
         """The body is in: check the signature of a request on a signed route (fail closed)."""
         pending = self._awaiting_body.pop(flow.id, None) if self._awaiting_body else None
         if pending is None:
+            if flow.metadata.get(METADATA_KEY, {}).get("signature") == "pending":
+                # decided by a KnoxCall instance that is gone (the script was reloaded meanwhile): not checked
+                self._refuse_request(flow, internal_error_response(flow))
+                logger.error("knoxcall: a signed request's check was lost in a script reload; refused it")
             return None
         decision, rate_limit, policy, seen = pending
         try:
