@@ -23,8 +23,8 @@ import httpx
 import pytest
 from mitmproxy import io
 
-from tests.e2e_util import Recorder, h2_client
-from tests.harness import MitmDump, client_from, free_port
+from tests.e2e_util import Recorder, Web, h2_client
+from tests.harness import MitmDump, client_from
 
 OFFICE = "127.0.0.9"
 PLACEHOLDER = "Bearer {{secret:partner_token}}"
@@ -121,50 +121,6 @@ def test_the_upstream_gets_the_secret_and_the_terminal_and_a_saved_flow_show_the
     assert_nowhere(values, log, raw, access.read_bytes())
 
 
-class Web:
-    """A real mitmweb with the addon, and its HTTP API (as its UI uses it)."""
-
-    def __init__(self, setup: dict[str, Any], recorder: Recorder, tmp_path: Path) -> None:
-        self.web_port = free_port()
-        self.password = secrets.token_hex(8)
-        self.proxy = MitmDump(
-            setup["folder"], mode=f"reverse:{recorder.url}", tool="mitmweb", log_path=tmp_path / "mitmweb.log",
-            env=setup["env"],
-            extra=["--set", f"web_port={self.web_port}", "--set", "web_host=127.0.0.1",
-                   "--set", "web_open_browser=false", "--set", f"web_password={self.password}",
-                   "--set", f"confdir={tmp_path / 'conf'}"],
-        )  # fmt: skip
-        token = secrets.token_hex(8)  # tornado's XSRF check: the cookie and the header must match
-        self.api = httpx.Client(
-            base_url=f"http://127.0.0.1:{self.web_port}",
-            headers={"Authorization": f"Bearer {self.password}", "X-XSRFToken": token},
-            cookies={"_mitmproxy_xsrf": token},
-            timeout=10,
-        )
-
-    def flows(self) -> tuple[str, list[dict[str, Any]]]:
-        response = self.api.get("/flows.json")
-        assert response.status_code == 200
-        return response.text, response.json()
-
-    def flow_for(self, path: str) -> dict[str, Any]:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            found = [f for f in self.flows()[1] if f.get("request", {}).get("path") == path]
-            if found:
-                return found[-1]
-            time.sleep(0.05)
-        raise AssertionError(f"no flow for {path} in mitmweb")
-
-    def __enter__(self) -> Web:
-        self.proxy.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.api.close()
-        self.proxy.stop()
-
-
 def request_headers(flow: dict[str, Any]) -> dict[str, str]:
     return {name.lower(): value for name, value in flow["request"]["headers"]}
 
@@ -181,7 +137,7 @@ def test_mitmweb_shows_the_placeholder_while_the_upstream_has_the_request_and_af
     requestheaders), and its API serves it; it must show the placeholder, and the upstream
     must already have the value."""
     values = list(setup["values"].values())
-    with Web(setup, recorder, tmp_path) as web:
+    with Web(setup["folder"], recorder.url, tmp_path, setup["env"]) as web:
         thread, answers = in_background(web.proxy, "/partner/hold")
         assert recorder.arrived.wait(10), "the request did not reach the upstream"
         assert recorder.headers()["authorization"] == [f"Bearer {setup['values']['production']}"]
@@ -199,7 +155,7 @@ def test_mitmweb_shows_the_placeholder_while_the_upstream_has_the_request_and_af
         assert_nowhere(values, text, dump.content)
         flows = list(io.FlowReader(BytesIO(dump.content)).stream())
         assert [f.request.headers["authorization"] for f in flows] == [PLACEHOLDER]
-        status = web.api.post("/commands/knoxcall.status", json={"arguments": []}).json()["value"]
+        status = web.run("knoxcall.status")
         fingerprint = hashlib.sha256(setup["values"]["production"].encode()).hexdigest()[:8]
         assert f"production: environment variable KC_TEST_PARTNER_TOKEN sha256:{fingerprint}" in status
         assert_nowhere(values, status)
@@ -208,7 +164,7 @@ def test_mitmweb_shows_the_placeholder_while_the_upstream_has_the_request_and_af
 
 def test_an_intercepted_then_resumed_and_a_replayed_flow_show_the_placeholder(setup, recorder, tmp_path):
     values = list(setup["values"].values())
-    with Web(setup, recorder, tmp_path) as web:
+    with Web(setup["folder"], recorder.url, tmp_path, setup["env"]) as web:
         assert web.api.put("/options", json={"intercept": "~q & ~u held"}).status_code == 200
         thread, answers = in_background(web.proxy, "/partner/held")
         deadline = time.monotonic() + 10
