@@ -167,7 +167,7 @@ class SecretValues:
     """What each secret source held when the config loaded: a value, or why there is none.
 
     Never shown: no repr of a value, no value in equality (two loads compare by their
-    fingerprints). ``stamp`` digests what the files held (hot reload compares it to see a
+    fingerprints). ``file_stamp`` digests what the files held (hot reload compares it to see a
     rotated file); ``files`` are the file sources, for watching.
     """
 

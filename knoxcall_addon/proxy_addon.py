@@ -345,16 +345,22 @@ class KnoxCall:
     ) -> Awaitable[None] | None:  # fmt: skip
         """Forward a request whose signature was good (then without its signature headers); settle."""
         if not isinstance(checked, Decision):
-            return self._later(flow, checked, lambda decision: self._signed(flow, decision, rate_limit, policy, seen))
+            return self._signed_later(flow, checked, rate_limit, policy, seen)
         if checked.allowed:
             strip_signature_headers(flow)
             self._forward(flow, checked, policy)
         self._settle(flow, checked, rate_limit, *seen)
         return None
 
-    async def _later(self, flow: http.HTTPFlow, checked: Awaitable[Decision], then: Callable[[Decision], Any]) -> None:
+    async def _signed_later(
+        self, flow: http.HTTPFlow, checked: Awaitable[Decision], rate_limit: Any, policy: Policy, seen: tuple[Any, ...]
+    ) -> None:
+        """`_signed` once the nonce store has answered; fails closed like `_decide_later`."""
         try:
-            then(await checked)
+            try:
+                self._signed(flow, await checked, rate_limit, policy, seen)
+            except Exception as e:
+                self._settle(flow, self._internal_error(flow, seen[0], e), None, *seen)
         except Exception:
             logger.exception("knoxcall: unexpected error while checking a signature; refusing it")
             self._refuse_request(flow, internal_error_response(flow))

@@ -351,7 +351,6 @@ class RateLimiter:
         self.redis: RedisStore | None = None
         self.settings = Settings()
         self.store_url = "memory"  # settings.rate_limit_store with its secrets filled in: never shown
-        self._hide: tuple[str, ...] = ()
         self.limits: RateLimits | None = None
         self.unreachable_since: float | None = None
         self.reachable: bool | None = None  # None: not asked yet
@@ -375,7 +374,7 @@ class RateLimiter:
         store = (store_url, settings.rate_limit_store_timeout_ms)
         before = (self.store_url, self.settings.rate_limit_store_timeout_ms)
         self.settings = settings
-        self.store_url, self._hide = store_url, tuple(hide)
+        self.store_url = store_url
         if self.redis is not None and store == before:
             return
         self._drop_redis()
