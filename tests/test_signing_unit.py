@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import io
 import secrets
+import time
 
 import pytest
 
@@ -225,3 +226,28 @@ def test_knoxcall_sign_prints_headers_and_curl(tmp_path, monkeypatch):
     assert f"X-Nonce: n-0001\nX-Signature: {VECTOR_NONCE}\n" in out.getvalue()
     monkeypatch.delenv("KC_SIGN_CLI")
     assert main(argv, out=io.StringIO()) == 2
+
+
+def test_nonces_when_redis_cannot_be_asked_local_checks_here_deny_refuses(make_config, monkeypatch):
+    """A replay check is never skipped: without Redis, this process remembers (local, allow) or refuses (deny)."""
+    from knoxcall_addon.model import Settings
+    from knoxcall_addon.ratestore import RateLimiter
+
+    monkeypatch.setenv("KC_SIGN_V2", "x")
+    limits = load_policy(make_config(**{"k.yaml": CONFIG})).rate_limits
+    nowhere = "redis://127.0.0.1:1/0"  # nothing listens on port 1: refused at once, on loopback
+    expires = time.time() + 60
+
+    async def twice(on_error: str) -> list[bool | None]:
+        limiter = RateLimiter()
+        limiter.install(limits, Settings(rate_limit_store=nowhere, rate_limit_on_store_error=on_error))
+        answers = []
+        for _ in range(2):
+            answer = limiter.remember_nonce("acme:n-1", expires)
+            answers.append(await answer if not isinstance(answer, bool | None) else answer)
+        await limiter.close()
+        return answers
+
+    assert asyncio.run(twice("local")) == [True, False]
+    assert asyncio.run(twice("allow")) == [True, False]
+    assert asyncio.run(twice("deny")) == [None, None]
