@@ -56,7 +56,8 @@ def install() -> str:
 
         def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
             original(self, *args, **kwargs)
-            if _armed:
+            # (a replay's event goes to the client side: it becomes flow.request, never fill it in)
+            if _armed and self.replay_flow is None:
                 self.request = wire_request(self.request)
 
         __init__.__wrapped__ = original  # type: ignore[attr-defined]

@@ -76,9 +76,9 @@ def setup(tmp_path: Path) -> dict[str, Any]:
 
 def assert_nowhere(values: list[str], *texts: str | bytes) -> None:
     for value in values:
-        for text in texts:
+        for i, text in enumerate(texts):
             data = text.encode() if isinstance(text, str) else text
-            assert value.encode() not in data, "a secret value is in sight"
+            assert value.encode() not in data, f"a secret value is in sight (text {i} of {len(texts)})"
 
 
 def get(proxy: MitmDump, path: str, **kwargs: Any) -> httpx.Response:
@@ -125,11 +125,28 @@ def request_headers(flow: dict[str, Any]) -> dict[str, str]:
     return {name.lower(): value for name, value in flow["request"]["headers"]}
 
 
-def in_background(proxy: MitmDump, path: str) -> tuple[threading.Thread, list[httpx.Response]]:
-    answers: list[httpx.Response] = []
-    thread = threading.Thread(target=lambda: answers.append(get(proxy, path)), daemon=True)
+def in_background(proxy: MitmDump, path: str) -> tuple[threading.Thread, list[httpx.Response | Exception]]:
+    """A request that waits (held by the upstream, or intercepted) in a thread; its answer, or
+    what went wrong, lands in the list."""
+    answers: list[httpx.Response | Exception] = []
+
+    def send() -> None:
+        try:
+            with client_from(OFFICE, timeout=30) as client:
+                answers.append(client.get(proxy.url + path))
+        except Exception as e:  # reported by the test's assertion
+            answers.append(e)
+
+    thread = threading.Thread(target=send, daemon=True)
     thread.start()
     return thread, answers
+
+
+def answered(thread: threading.Thread, answers: list[httpx.Response | Exception], proxy: MitmDump) -> None:
+    thread.join(30)
+    assert answers, f"no answer:\n{proxy.log_text()[-3000:]}"
+    assert isinstance(answers[0], httpx.Response), f"{answers[0]!r}\n{proxy.log_text()[-3000:]}"
+    assert answers[0].status_code == 200, answers[0].text
 
 
 def test_mitmweb_shows_the_placeholder_while_the_upstream_has_the_request_and_after(setup, recorder, tmp_path):
@@ -147,8 +164,7 @@ def test_mitmweb_shows_the_placeholder_while_the_upstream_has_the_request_and_af
         assert request_headers(flow)["authorization"] == PLACEHOLDER
         assert_nowhere(values, text)
         recorder.release.set()
-        thread.join(15)
-        assert answers and answers[0].status_code == 200
+        answered(thread, answers, web.proxy)
         text, _ = web.flows()
         dump = web.api.get("/flows/dump")
         assert dump.status_code == 200
@@ -175,8 +191,7 @@ def test_an_intercepted_then_resumed_and_a_replayed_flow_show_the_placeholder(se
         assert request_headers(flow)["authorization"] == PLACEHOLDER
         assert_nowhere(values, web.flows()[0])
         assert web.api.post(f"/flows/{flow['id']}/resume").status_code == 200
-        thread.join(15)
-        assert answers and answers[0].status_code == 200
+        answered(thread, answers, web.proxy)
         assert recorder.headers()["authorization"] == [f"Bearer {setup['values']['production']}"]
         # mitmweb's replay sends the flow (as shown) again: decided and injected again
         assert web.api.put("/options", json={"intercept": ""}).status_code == 200

@@ -195,6 +195,8 @@ def test_mitmproxy_hands_the_server_side_a_copy_with_the_real_value(tmp_path, to
     assert flow.request.headers.get_all("authorization") == ["Bearer {{secret:partner_token}}"]
     event = RequestHeaders(1, flow.request, True)
     assert event.request is not flow.request
+    # a replay's event goes to the client side and becomes flow.request: never filled in
+    assert RequestHeaders(1, flow.request, False, replay_flow=flow).request is flow.request
     assert event.request.headers["authorization"] == f"Bearer {token}"
     assert flow.request.headers["authorization"] == "Bearer {{secret:partner_token}}"  # the flow never changes
     injection.disarm(flow)
