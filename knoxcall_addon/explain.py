@@ -16,6 +16,8 @@ from knoxcall_addon.ipmatch import parse_ip
 from knoxcall_addon.model import Client, IPAddress, IPNetwork
 from knoxcall_addon.policy import Policy
 from knoxcall_addon.ratelimit import explain_lines
+from knoxcall_addon.signing import before_body
+from knoxcall_addon.signing import explain_lines as signature_lines
 
 NEAR_MISS_LIMIT = 10  # near misses listed at most; a lookup can cover many clients
 
@@ -92,6 +94,8 @@ def request_for(
 def explain(policy: Policy, facts: RequestFacts) -> Explanation:
     """Decide ``facts`` like the proxy would, and say why in a few lines."""
     decision = decide(policy, facts)
+    if decision.allowed and decision.route in policy.signatures:  # refused at once without a client, as the proxy
+        decision = before_body(decision, streamed=False) or decision
     config = policy.config
     lines: list[str] = []
     verdict = "ALLOWED" if decision.allowed else f"DENIED ({decision.status})"
@@ -130,6 +134,13 @@ def explain(policy: Policy, facts: RequestFacts) -> Explanation:
     elif decision.reason in _REFUSED_BEFORE_THE_IP_CHECK:
         lines += _ip_check_alone(policy, facts, decision)
     lines += explain_lines(policy.rate_limits, decision)
+    if decision.route in policy.signatures and decision.environment is not None:
+        lines += signature_lines(policy.signatures[decision.route], policy.signing_keys, decision.client,
+                                 decision.environment)  # fmt: skip
+    injected = policy.injections.get((decision.route or "", decision.environment or ""))
+    if decision.allowed and injected is not None:  # as the flow shows them: placeholders, never a value
+        shown = ", ".join(f"{name.decode()}: {value.decode('utf-8', 'replace')}" for name, value in injected.fields)
+        lines.append(f"  injects: {shown}")
     return Explanation(facts, decision, matched, lines)
 
 

@@ -28,6 +28,7 @@ from knoxcall_addon.decision import (
 from knoxcall_addon.ipmatch import parse_ip
 from knoxcall_addon.policy import Policy
 from knoxcall_addon.replay import remember
+from knoxcall_addon.signing import SIGNED_HEADERS
 
 _PREFIX_BYTES = HEADER_PREFIX.encode()
 _XFF_BYTES = b"x-forwarded-for"
@@ -273,6 +274,12 @@ def forward(flow: http.HTTPFlow, decision: Decision, policy: Policy | None = Non
         if base:
             request.path = base + (request.path if request.path.startswith("/") else "/" + request.path)
         request.host_header = _authority(target.scheme, request.host, request.port)
+
+
+def strip_signature_headers(flow: http.HTTPFlow) -> None:
+    """X-Signature, X-Timestamp and X-Nonce go no further than the proxy that checked them."""
+    request = flow.request
+    request.headers.fields = tuple(f for f in request.headers.fields if f[0].lower() not in SIGNED_HEADERS)
 
 
 def _is_ours(name: bytes) -> bool:

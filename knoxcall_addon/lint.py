@@ -41,6 +41,7 @@ RULES: dict[str, str] = {
     "report-mode": "a route in report mode in the default environment (refusals logged, not enforced)",
     "test-key": "an enabled test key (it skips the client check outside the default environment)",
     "unreachable-limit": "a rate limit that can never refuse: an enforced limit on the same requests is as strict",
+    "unsigned-client": "a client assigned to a route that requires signed requests has no signing_secrets",
 }
 
 
@@ -86,6 +87,7 @@ def lint(config: Config) -> list[Finding]:
     ]
     findings += [Finding(where, "warning", "unreachable-limit", text) for where, text in unreachable_limits(config)]
     findings += _report_mode_rules(config)
+    findings += _signature_rules(config)
     return sorted(findings)
 
 
@@ -257,6 +259,28 @@ def _route_rules(config: Config) -> list[Finding]:
                         "open-forward",
                         f'open route "{route.name}" has neither target_base_url nor match: in '
                         f"{', '.join(untargeted)} it forwards any caller to wherever the request names",
+                    )
+                )
+    return findings
+
+
+def _signature_rules(config: Config) -> list[Finding]:
+    """A client with no signing secret, assigned to a route that requires signed requests: every
+    request it makes there is refused. Fail closed, but never meant: an error."""
+    findings: list[Finding] = []
+    for assignment in config.assignments:
+        route = config.routes[assignment.route]
+        if not route.enabled or not route.requires_signature:
+            continue
+        for name in assignment.clients:
+            if not config.clients[name].signing_secrets:
+                findings.append(
+                    Finding(
+                        assignment.location,
+                        "error",
+                        "unsigned-client",
+                        f'route "{route.name}" requires signed requests, but client "{name}" (assigned in '
+                        f"{assignment.environment}) has no signing_secrets: its requests there are always refused",
                     )
                 )
     return findings

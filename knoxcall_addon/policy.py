@@ -17,6 +17,8 @@ from knoxcall_addon.ipmatch import RangeIndex
 from knoxcall_addon.loader import load_config
 from knoxcall_addon.model import ApiKey, Config, ConfigError, NetworkSet, Problem, Route
 from knoxcall_addon.ratelimit import RateLimits
+from knoxcall_addon.secretsource import compile_injections, store_secrets, store_url
+from knoxcall_addon.signing import required_signatures, signing_keys
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,11 @@ class Policy:
         self.any_open_route = any(r.enabled and not r.requires_clients for r in config.routes.values())
         self.any_test_key = any(k.type == "test" for k in self.enabled_keys)
         self.rate_limits = RateLimits(config)
+        self.injections = compile_injections(config)  # (route, environment) -> headers to inject
+        self.signatures = required_signatures(config)  # route -> its signature spec
+        self.signing_keys = signing_keys(config)  # (client, environment) -> HMAC keys
+        self.store_url = store_url(config)  # rate_limit_store with its secrets filled in: never shown
+        self.store_secrets = store_secrets(config)  # ... and those secrets, to scrub from error texts
         if self.route_table.problems:
             raise ConfigError(self.route_table.problems)
 

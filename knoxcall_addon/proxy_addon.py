@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 from mitmproxy import command, ctx, exceptions, http
 from mitmproxy import log as mitmproxy_log
 
-from knoxcall_addon import launchguard, metrics
+from knoxcall_addon import injection, launchguard, metrics
 from knoxcall_addon.accesslog import AccessLog, utc_timestamp
 from knoxcall_addon.configdiff import diff_configs
 from knoxcall_addon.connections import ConnectionHooks
@@ -40,6 +40,7 @@ from knoxcall_addon.gate import (
     peer_host,
     read_request,
     requested_host,
+    strip_signature_headers,
 )
 from knoxcall_addon.model import ConfigError
 from knoxcall_addon.policy import Policy, load_policy
@@ -47,6 +48,7 @@ from knoxcall_addon.ratelimit import header_fields
 from knoxcall_addon.ratestore import Checked, RateLimiter
 from knoxcall_addon.reloader import HotReload, release_free_memory
 from knoxcall_addon.replay import forget_key, restore
+from knoxcall_addon.signing import MISSING, before_body, check_signed, refused
 from knoxcall_addon.status import LoadedPolicy, status_lines
 
 logger = logging.getLogger("knoxcall")
@@ -74,6 +76,8 @@ class KnoxCall(ConnectionHooks):
         self.metrics_server: metrics.MetricsServer | None = None  # knoxcall_metrics
         self.metrics: metrics.Metrics | None = None  # its counters; None when off: then nothing is counted
         self.drain = Drain(lambda: len(self._pending))  # graceful stop on SIGTERM (drain.py)
+        # signed routes: flows decided, their signature checked once the body is in (the `request` hook)
+        self._awaiting_body: dict[str, tuple[Decision, dict[str, Any] | None, Policy, tuple[Any, ...]]] = {}
 
     # -- options -----------------------------------------------------------------------
 
@@ -108,6 +112,7 @@ class KnoxCall(ConnectionHooks):
         )
         self.drain.load(loader)
         launchguard.check_options(loader)  # before mitmproxy applies --set values: a bad one drops the script
+        injection.install()  # injected secrets reach the upstream, never the flow (see injection.py)
 
     def configure(self, updated: set[str]) -> None:
         repoint = False
@@ -151,6 +156,8 @@ class KnoxCall(ConnectionHooks):
         if "knoxcall_metrics" in updated:
             self._set_metrics(ctx.options.knoxcall_metrics)
         self.drain.configure(updated)
+        if "proxy_debug" in updated:
+            injection.set_debug(bool(getattr(ctx.options, "proxy_debug", False)))
         if "knoxcall_access_log" in updated:
             if self.access_log:
                 self.access_log.close()
@@ -168,7 +175,7 @@ class KnoxCall(ConnectionHooks):
         stays one line: the event log is the audit trail of policy changes.
         """
         self.current = LoadedPolicy(policy, time.time())
-        self.limiter.install(policy.rate_limits, policy.settings)
+        self.limiter.install(policy.rate_limits, policy.settings, policy.store_url, policy.store_secrets)
         launchguard.activate(self)  # a policy in force: our hooks decide; until then the guard refuses all
         if self.metrics is not None:
             self.metrics.policy_installed(policy)
@@ -239,6 +246,7 @@ class KnoxCall(ConnectionHooks):
         self.limiter.stop()
         self._set_metrics("")
         self.drain.done()
+        self._awaiting_body.clear()
 
     @command.command("knoxcall.explain")
     def explain(self, ip: str, route: str, env: str = "") -> str:
@@ -287,8 +295,9 @@ class KnoxCall(ConnectionHooks):
                 seen = (request_id, method, caller_host, path, user_agent, started)
                 return self._decide_later(flow, checked, policy, seen)
             decision, rate_limit = checked
-            if decision.allowed:
-                forward(flow, decision, policy)
+            if decision.allowed and (decision := self._admit(flow, decision, rate_limit, policy, (
+                    request_id, method, caller_host, path, user_agent))) is None:  # fmt: skip
+                return None  # a signed route: decided when the body is in
         except Exception as e:
             decision = self._internal_error(flow, request_id, e)
             caller_host = requested_host(request)
@@ -303,13 +312,80 @@ class KnoxCall(ConnectionHooks):
         try:
             try:
                 decision, rate_limit = await checked
-                if decision.allowed:
-                    forward(flow, decision, policy)
+                if decision.allowed and (decision := self._admit(flow, decision, rate_limit, policy, seen)) is None:
+                    return  # a signed route: decided when the body is in
             except Exception as e:
                 decision, rate_limit = self._internal_error(flow, seen[0], e), None
             self._settle(flow, decision, rate_limit, *seen)
         except Exception:
             logger.exception("knoxcall: unexpected error while deciding a request; refusing it")
+            self._refuse_request(flow, internal_error_response(flow))
+
+    def _admit(
+        self, flow: http.HTTPFlow, decision: Decision, rate_limit: Any, policy: Policy, seen: tuple[Any, ...]
+    ) -> Decision | None:
+        """An allowed request goes upstream now; on a route that requires signatures, once its
+        body is in and its signature checked (None: see `request`). Nothing is forwarded before."""
+        if decision.route not in policy.signatures:
+            self._forward(flow, decision, policy)
+            return decision
+        streamed = flow.request.stream or (self.streaming_bodies and body_size_unknown(flow.request))
+        refusal = before_body(decision, bool(streamed))
+        if refusal is None:
+            self._awaiting_body[flow.id] = (decision, rate_limit, policy, seen)
+            flow.metadata[METADATA_KEY] = {"request_id": seen[0], "signature": "pending"}  # (see `request`)
+        return refusal
+
+    def _forward(self, flow: http.HTTPFlow, decision: Decision, policy: Policy) -> None:
+        """Prepare an allowed request for its upstream: re-target it, then inject the route's headers."""
+        forward(flow, decision, policy)
+        if policy.injections and (found := policy.injections.get((decision.route, decision.environment))):  # type: ignore[arg-type]
+            injection.inject(flow, found)
+
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """The body is in: check the signature of a request on a signed route (fail closed)."""
+        pending = self._awaiting_body.pop(flow.id, None) if self._awaiting_body else None
+        if pending is None:
+            if flow.metadata.get(METADATA_KEY, {}).get("signature") == "pending":
+                # decided by a KnoxCall instance that is gone (the script was reloaded meanwhile): not checked
+                self._refuse_request(flow, internal_error_response(flow))
+                logger.error("knoxcall: a signed request's check was lost in a script reload; refused it")
+            return None
+        decision, rate_limit, policy, seen = pending
+        try:
+            keys = policy.signing_keys.get((decision.client, decision.environment), ())  # type: ignore[arg-type]
+            sent = (flow.request.headers.fields, seen[1], seen[3], flow.request.raw_content)
+            spec = policy.signatures[decision.route]  # type: ignore[index]
+            checked = check_signed(decision, spec, keys, sent, self.limiter.remember_nonce, time.time())
+            return self._signed(flow, checked, rate_limit, policy, seen)
+        except Exception as e:
+            self._settle(flow, self._internal_error(flow, seen[0], e), None, *seen)
+            return None
+
+    def _signed(
+        self, flow: http.HTTPFlow, checked: Decision | Awaitable[Decision], rate_limit: Any, policy: Policy,
+        seen: tuple[Any, ...],
+    ) -> Awaitable[None] | None:  # fmt: skip
+        """Forward a request whose signature was good (then without its signature headers); settle."""
+        if not isinstance(checked, Decision):
+            return self._signed_later(flow, checked, rate_limit, policy, seen)
+        if checked.allowed:
+            strip_signature_headers(flow)
+            self._forward(flow, checked, policy)
+        self._settle(flow, checked, rate_limit, *seen)
+        return None
+
+    async def _signed_later(
+        self, flow: http.HTTPFlow, checked: Awaitable[Decision], rate_limit: Any, policy: Policy, seen: tuple[Any, ...]
+    ) -> None:
+        """`_signed` once the nonce store has answered; fails closed like `_decide_later`."""
+        try:
+            try:
+                self._signed(flow, await checked, rate_limit, policy, seen)
+            except Exception as e:
+                self._settle(flow, self._internal_error(flow, seen[0], e), None, *seen)
+        except Exception:
+            logger.exception("knoxcall: unexpected error while checking a signature; refusing it")
             self._refuse_request(flow, internal_error_response(flow))
 
     def _internal_error(self, flow: http.HTTPFlow, request_id: str, error: Exception) -> Decision:
@@ -328,8 +404,9 @@ class KnoxCall(ConnectionHooks):
         path: str,
         user_agent: str | None,
         started: float = 0.0,
+        answer: bool = True,
     ) -> None:
-        """Log and annotate a decided request; answer it if refused."""
+        """Log and annotate a decided request; answer it if refused (and ``answer``)."""
         request = flow.request
         if self.metrics is not None:
             self.metrics.request_decided(decision, time.perf_counter() - started)
@@ -345,7 +422,7 @@ class KnoxCall(ConnectionHooks):
         line = self._log_decision(decision, request_id)
         self._annotate(flow, decision, meta, line)
         self._pending.add(flow.id)
-        if not decision.allowed:
+        if not decision.allowed and answer:
             forget_key(request)
             self._refuse_request(flow, denial_response(decision, request_id, request.method))
 
@@ -367,6 +444,7 @@ class KnoxCall(ConnectionHooks):
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """Every response we make or forward carries the request id (also when streamed)."""
+        injection.disarm(flow)  # sent: its secrets are no longer needed
         meta = flow.metadata.get(METADATA_KEY)
         if meta and flow.response is not None:
             headers = flow.response.headers
@@ -385,6 +463,11 @@ class KnoxCall(ConnectionHooks):
         self._complete(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        injection.disarm(flow)
+        pending = self._awaiting_body.pop(flow.id, None) if self._awaiting_body else None
+        if pending is not None:  # the request ended before its body (and signature) could be checked
+            decision = refused(pending[0], MISSING, "the request ended before its body arrived: not checked")
+            self._settle(flow, decision, pending[1], *pending[3], answer=False)
         self._complete(flow)
 
     # -- metrics -----------------------------------------------------------------------

@@ -88,6 +88,7 @@ class MitmDump:
         extra: Sequence[str] = (),
         log_path: str | Path | None = None,
         tool: str = "mitmdump",
+        env: dict[str, str] | None = None,
     ) -> None:
         self.config = Path(config)
         self.listen_host = listen_host
@@ -114,6 +115,7 @@ class MitmDump:
         if self.access_log:
             args += ["--set", f"knoxcall_access_log={self.access_log}"]
         self.args = [*args, *extra]
+        self.env = env or {}  # added to the process's environment (e.g. secrets read from variables)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -123,7 +125,7 @@ class MitmDump:
 
     def start(self, timeout: float = 30) -> MitmDump:
         self._log = self.log_path.open("wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.process = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -54,3 +54,16 @@ def test_scaleout_section_runs_through_nginx_to_one_and_two_workers(capsys):
     assert report["ratio"] > 0
     for key in ("edit_to_every_worker_s", "small_edit_to_every_worker_s"):
         assert report[key]["timeouts"] == 0 and len(report[key]["seconds"]) == 3
+
+
+def test_the_secrets_section_configs_load_and_do_what_they_say(tmp_path, monkeypatch):
+    monkeypatch.setenv("KC_BENCH_TOKEN", "t")
+    monkeypatch.setenv("KC_BENCH_SIGN", "s")
+    for variant in bench.SECRET_VARIANTS:
+        folder = tmp_path / variant
+        folder.mkdir()
+        (folder / "knoxcall.yaml").write_text(bench.secrets_bench_file(variant))
+        policy = load_policy(folder)
+        injects = any(route == BENCH_ROUTE for route, _ in policy.injections)
+        assert injects == (variant in ("inject", "both"))
+        assert (BENCH_ROUTE in policy.signatures) == (variant in ("signed", "both"))
