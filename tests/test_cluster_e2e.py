@@ -327,9 +327,9 @@ def test_a_worker_stopped_with_sigterm_under_continuous_load_fails_no_request(se
     assert records(other, "/v1/load/")  # the other worker carried the load on
 
 
-@pytest.mark.skip(reason="needs signed requests (issue: secrets and signatures, branch secrets-signing)")
-def test_a_replayed_signed_request_is_refused_by_the_other_worker():
-    """A signed request accepted by one worker, replayed to the other, is refused (nonces in Redis)."""
+# A signed request accepted by one worker and replayed to another is refused (nonces in
+# Redis): tests/test_signing_e2e.py::test_with_redis_a_replay_to_another_proxy_is_refused_too,
+# with two mitmdump processes sharing one redis-server.
 
 
 def test_nginx_logs_show_both_workers_served(setup):
