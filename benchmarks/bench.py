@@ -18,6 +18,10 @@ Sections (``--sections``, default all):
   through mitmdump with the large config whose route injects a secret header, or requires
   signed requests (the load generator sends a valid signature), or both, against the same
   config and requests without them, alternated round by round in one run.
+- ``instructions``: instructions per request counted by callgrind (repeatable to ~0.1%, where
+  timings vary by ±10%): bare mitmdump, a do-nothing script shaped like KnoxCall's, the addon
+  with the large config, and the addon with the wave-2 features configured but not tripping
+  (``FEATURES``; each alone too when there are several). Needs valgrind.
 
 Everything runs on loopback; every loop is bounded in count and time.
 """
@@ -46,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks import instructions
 from benchmarks.configgen import (
     BENCH_ROUTE,
     BIG_FILE_CLIENT,
@@ -63,7 +68,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "knoxcall_addon" / "addon.py"
 NOOP_ADDON = ROOT / "benchmarks" / "noop_addon.py"
 BIN = Path(sys.executable).parent
-SECTIONS = ("micro", "e2e", "load", "reload", "ratelimit", "scaleout", "secrets")
+SECTIONS = ("micro", "e2e", "load", "reload", "ratelimit", "scaleout", "secrets", "instructions")
 # the same for bare and addon runs: reverse mode, lazy upstream connections, quiet terminal
 MITM_FLAGS = ["--set", "connection_strategy=lazy", "--set", "keep_host_header=true",
               "--set", "termlog_verbosity=warn", "--set", "flow_detail=0"]  # fmt: skip
@@ -667,6 +672,115 @@ def bench_secrets(large: Generated, work: Path, quick: bool, connections: int) -
         result[name]["extra_cpu_us_per_request"] = round(
             result[name]["cpu_us_per_request"] - result["plain"]["cpu_us_per_request"], 1
         )
+
+
+# -- 6. instructions per request -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Feature:
+    """A per-request feature, configured so that it works on every request but never trips.
+
+    ``missing`` says why it cannot be measured here (None: it can); ``configure`` edits the
+    copy of the large config that the ``features`` variant uses and returns extra mitmdump
+    arguments. A feature still on another branch has a ``missing`` that says so: when it
+    lands, fill in its ``configure`` (and the check) and the bench measures it.
+    """
+
+    name: str
+    missing: Callable[[], str | None]
+    configure: Callable[[Path], list[str]]
+
+
+def _addon_source() -> str:
+    return "".join(p.read_text() for p in (ROOT / "knoxcall_addon").glob("*.py"))
+
+
+def _rate_limit(folder: Path) -> list[str]:
+    # the loopback client limited to 10^9 requests per second: counted on every request, never refused
+    (folder / "knoxcall.yaml").write_text(bench_file(allowed=True, rate_limit_store="memory"))
+    return []
+
+
+def _metrics(folder: Path) -> list[str]:
+    return ["--set", f"knoxcall_metrics=127.0.0.1:{free_port()}"]  # served on loopback, never scraped
+
+
+def _headers(folder: Path) -> list[str]:
+    # BENCH_ROUTE injects a header from a file secret (added to what the other features wrote)
+    (folder / "bench_token").write_text(os.urandom(16).hex() + "\n")
+    config = folder / "knoxcall.yaml"
+    route = f"  - name: {BENCH_ROUTE}\n"
+    text = config.read_text().replace(
+        route, route + '    inject_headers: {Authorization: "Bearer {{secret:bench_token}}"}\n', 1
+    )
+    config.write_text("secrets:\n  - name: bench_token\n    file: bench_token\n" + text)
+    return []
+
+
+FEATURES = (
+    Feature("rate_limit", lambda: None, _rate_limit),
+    Feature(
+        "metrics",
+        lambda: None if "knoxcall_metrics" in _addon_source() else "not on this branch (knoxcall_metrics)",
+        _metrics,
+    ),
+    Feature(
+        "header_injection",
+        lambda: None if "inject_headers" in _addon_source() else "not on this branch (inject_headers)",
+        _headers,
+    ),
+)
+
+
+def features_copy(large: Generated, folder: Path, features: list[Feature]) -> tuple[Path, list[str]]:
+    """The large config (big files as symlinks) with ``features`` configured; and their mitmdump arguments."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for path in large.folder.iterdir():
+        if path.suffix == ".yaml":
+            (folder / path.name).symlink_to(path.resolve())
+    (folder / "knoxcall.yaml").unlink()
+    (folder / "knoxcall.yaml").write_text(bench_file(allowed=True))
+    args: list[str] = []
+    for feature in features:
+        args += feature.configure(folder)
+    return folder, args
+
+
+def bench_instructions(large: Generated, work: Path, quick: bool, wanted: list[str] | None = None) -> dict[str, Any]:
+    """Instructions per request of bare mitmdump, the do-nothing script, the addon, and the addon with features."""
+    missing = instructions.available()
+    if missing:
+        return {"available": False, "note": missing}
+    features = [f for f in FEATURES if wanted is None or f.name in wanted]
+    result: dict[str, Any] = {"available": True, "features": {}}
+    usable = []
+    for feature in features:
+        why = feature.missing()
+        result["features"][feature.name] = why or "configured"
+        if why is None:
+            usable.append(feature)
+    headers = {"x-knoxcall-route": BENCH_ROUTE}
+    addon = ["-s", str(ADDON)]
+    variants = [
+        instructions.Variant("bare", [], headers),
+        instructions.Variant("noop", ["-s", str(NOOP_ADDON)], headers),
+        instructions.Variant("addon", [*addon, "--set", f"knoxcall_config={large.folder}"], headers),
+    ]
+    groups = [("features", usable)] if usable else []
+    if len(usable) > 1:
+        groups += [(f"addon+{f.name}", [f]) for f in usable]
+    for name, group in groups:
+        folder, args = features_copy(large, work / f"instructions-{name}", group)
+        variants.append(instructions.Variant(name, [*addon, "--set", f"knoxcall_config={folder}", *args], headers))
+    counted = instructions.count_variants(
+        variants, work, requests=64 if quick else 160, rounds=3 if quick else 5, warmup=96 if quick else 320,
+        idle_seconds=4 if quick else 10,
+    )
+    result.update(counted)
+    result["ratios"] = instructions.ratios(counted)
     return result
 
 
@@ -763,6 +877,25 @@ def print_table(report: dict[str, Any]) -> None:
                 line += (f"\n{'':<10} throughput ratio {v['throughput_ratio']} (per round {per_round}), "
                          f"+{v['extra_cpu_us_per_request']} µs CPU per request")  # fmt: skip
             print(line)
+    if "instructions" in report:
+        r = report["instructions"]
+        print("\n6. instructions per request (callgrind; the large config; bare/variant is the throughput ratio "
+              "if mitmdump is CPU bound)")
+        if not r.get("available"):
+            print(r["note"])
+        else:
+            print(f"{r['rounds']} rounds of {r['requests_per_round']} requests on {r['connections']} keep-alive "
+                  f"connections after {r['warmup']} unmeasured ones; median of the rounds; what timers and threads "
+                  f"ran per second ({r['idle_seconds']} s counted without requests) taken off")
+            for name, v in r["variants"].items():
+                line = f"{name:<24} {v['instructions_per_request']:>12,}"
+                ratio = r["ratios"].get(name)
+                if ratio:
+                    line += f"  +{ratio['extra_per_request']:>9,} over bare  bare/{name} {ratio['ratio']:.4f}"
+                line += (f"  (spread {v['spread']:.2%}, timers {v.get('idle_instructions_per_s', 0):,}/s, "
+                         f"unexpected statuses {v['unexpected_status']})")  # fmt: skip
+                print(line)
+            print("features: " + ", ".join(f"{k}: {v}" for k, v in r["features"].items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -774,6 +907,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer inputs, rounds and seconds (~30 s)")
     parser.add_argument("--connections", type=int, default=8, help="keep-alive connections of the load generator")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--features", help=f"instructions: the features to configure, of "
+                        f"{[f.name for f in FEATURES]} (default: every one on this branch)")  # fmt: skip
     parser.add_argument("--keep", type=Path, help="write the generated configs here and keep them")
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -807,6 +942,9 @@ def main(argv: list[str] | None = None) -> int:
             report["scaleout"] = bench_scaleout(large, work, args.quick, args.connections, sys.modules[__name__])
         if "secrets" in sections:
             report["secrets"] = bench_secrets(large, work, args.quick, args.connections)
+        if "instructions" in sections:
+            wanted = args.features.split(",") if args.features else None
+            report["instructions"] = bench_instructions(large, work, args.quick, wanted)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
