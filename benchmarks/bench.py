@@ -12,6 +12,12 @@ Sections (``--sections``, default all):
 - ``ratelimit``: what rate limiting costs: mitmdump with the large config and a client limit
   that never refuses, counted in memory and in Redis (a redis-server on a free loopback port),
   against the same config without limits, alternated round by round in one run.
+- ``scaleout``: requests/s through a real nginx to one and to two workers, alternated, with
+  each process's CPU per request; and a config edit's time to reach both workers (scaleout.py).
+- ``secrets``: what header injection and signature verification cost: POSTs with 1 KB bodies
+  through mitmdump with the large config whose route injects a secret header, or requires
+  signed requests (the load generator sends a valid signature), or both, against the same
+  config and requests without them, alternated round by round in one run.
 - ``instructions``: instructions per request counted by callgrind (repeatable to ~0.1%, where
   timings vary by ±10%): bare mitmdump, a do-nothing script shaped like KnoxCall's, the addon
   with the large config, and the addon with the wave-2 features configured but not tripping
@@ -54,6 +60,7 @@ from benchmarks.configgen import (
     big_file_client,
     generate,
 )
+from benchmarks.scaleout import bench_scaleout, print_scaleout
 from knoxcall_addon.decision import RequestFacts, decide
 from knoxcall_addon.policy import Policy, forget_previous_load, load_policy
 
@@ -61,7 +68,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "knoxcall_addon" / "addon.py"
 NOOP_ADDON = ROOT / "benchmarks" / "noop_addon.py"
 BIN = Path(sys.executable).parent
-SECTIONS = ("micro", "e2e", "load", "reload", "ratelimit", "instructions")
+SECTIONS = ("micro", "e2e", "load", "reload", "ratelimit", "scaleout", "secrets", "instructions")
 # the same for bare and addon runs: reverse mode, lazy upstream connections, quiet terminal
 MITM_FLAGS = ["--set", "connection_strategy=lazy", "--set", "keep_host_header=true",
               "--set", "termlog_verbosity=warn", "--set", "flow_detail=0"]  # fmt: skip
@@ -118,19 +125,20 @@ def wait_port(port: int, process: subprocess.Popen, timeout: float = 60) -> None
     raise RuntimeError(f"nothing listens on {port} after {timeout}s")
 
 
-def wait_answer(port: int, process: subprocess.Popen, timeout: float) -> None:
-    """Until a request through mitmdump is answered 200 (bare: the upstream; addon: allowed)."""
+def wait_answer(port: int, process: subprocess.Popen, timeout: float, ready: int = 200) -> None:
+    """Until a request through mitmdump is answered ``ready`` (bare: the upstream; addon: allowed;
+    401 on a route that requires signed requests: decided, so loaded)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"mitmdump exited with {process.returncode}")
         try:
-            if status_of(port) == 200:
+            if status_of(port) == ready:
                 return
         except (OSError, ValueError):
             pass
         time.sleep(0.1)
-    raise RuntimeError(f"mitmdump on {port} did not answer 200 within {timeout}s")
+    raise RuntimeError(f"mitmdump on {port} did not answer {ready} within {timeout}s")
 
 
 def status_of(port: int, path: str = "/ready") -> int:
@@ -167,7 +175,13 @@ def upstream_process() -> Iterator[int]:
 
 @contextmanager
 def mitmdump(
-    upstream_port: int, config: Path | None, log: Path, extra: list[str] = (), script: Path = ADDON
+    upstream_port: int,
+    config: Path | None,
+    log: Path,
+    extra: list[str] = (),
+    script: Path = ADDON,
+    env: dict[str, str] | None = None,
+    ready: int = 200,
 ) -> Iterator[tuple[int, int]]:
     """(port, pid) of a mitmdump in reverse mode; with ``script`` when ``config`` is given."""
     port = free_port()
@@ -182,32 +196,38 @@ def mitmdump(
         if script == ADDON:
             args += ["--set", f"knoxcall_config={config}"]
     with log.open("wb") as out:
-        proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         try:
             wait_port(port, proc, timeout=120)
-            wait_answer(port, proc, timeout=120)  # the addon may still be loading its config
+            wait_answer(port, proc, timeout=120, ready=ready)  # the addon may still be loading its config
             yield port, proc.pid
         finally:
             stop(proc)
 
 
-def run_load(port: int, connections: int, duration: float, warmup: float = 0.5) -> dict[str, Any]:
+def run_load(
+    port: int, connections: int, duration: float, warmup: float = 0.5, headers: str = "", body_bytes: int = 0
+) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.loadgen", "load", "--port", str(port), "--connections", str(connections),
-         "--duration", str(duration), "--warmup", str(warmup), "--headers", f"x-knoxcall-route: {BENCH_ROUTE}"],
+         "--duration", str(duration), "--warmup", str(warmup),
+         "--headers", "|".join(filter(None, (f"x-knoxcall-route: {BENCH_ROUTE}", headers))),
+         "--body-bytes", str(body_bytes)],
         cwd=ROOT, capture_output=True, text=True, timeout=duration + warmup + 60, check=True,
     )  # fmt: skip
     return json.loads(out.stdout)
 
 
-def measured_run(port: int, pid: int, connections: int, duration: float) -> dict[str, Any]:
+def measured_run(
+    port: int, pid: int, connections: int, duration: float, headers: str = "", body_bytes: int = 0
+) -> dict[str, Any]:
     """run_load, plus the CPU time mitmdump spent per request.
 
     CPU time per request is far less sensitive to other load on the machine than
     requests/s: it counts what mitmdump spent, not what it got.
     """
     cpu = cpu_seconds(pid)
-    run = run_load(port, connections, duration)
+    run = run_load(port, connections, duration, headers=headers, body_bytes=body_bytes)
     run["cpu_us_per_request"] = (cpu_seconds(pid) - cpu) * 1e6 / max(1, run["total_requests"])
     return run
 
@@ -537,15 +557,20 @@ def redis_process(work: Path) -> Iterator[str | None]:
 
 
 def limited_copy(large: Generated, folder: Path, store: str) -> Path:
-    """The large config with the loopback client limited (never tripping), counted in ``store``.
-    The big files are symlinks: the same config, only knoxcall.yaml differs."""
+    """The large config with the loopback client limited (never tripping), counted in ``store``."""
+    return variant_copy(large, folder, bench_file(allowed=True, rate_limit_store=store))
+
+
+def variant_copy(large: Generated, folder: Path, bench_text: str) -> Path:
+    """The large config with another small bench file. The big files are symlinks: the same
+    config, only knoxcall.yaml differs."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     for path in large.folder.iterdir():
         if path.name != "knoxcall.yaml" and path.suffix == ".yaml":
             (folder / path.name).symlink_to(path.resolve())
-    (folder / "knoxcall.yaml").write_text(bench_file(allowed=True, rate_limit_store=store))
+    (folder / "knoxcall.yaml").write_text(bench_text)
     return folder
 
 
@@ -588,6 +613,67 @@ def bench_ratelimit(large: Generated, work: Path, quick: bool, connections: int)
     return result
 
 
+BODY_BYTES = 1024
+SECRET_VARIANTS = ("plain", "inject", "signed", "both")
+
+
+def secrets_bench_file(variant: str) -> str:
+    """The bench file, its route injecting a secret header (``inject``), requiring signed
+    requests (``signed``), both, or neither (``plain``); the secrets come from variables."""
+    text = bench_file(allowed=True)
+    secrets = "secrets:\n  - name: bench_token\n    env: KC_BENCH_TOKEN\n  - name: bench_sign\n    env: KC_BENCH_SIGN\n"
+    route = f"  - name: {BENCH_ROUTE}\n"
+    extra = ""
+    if variant in ("inject", "both"):
+        extra += '    inject_headers: {Authorization: "Bearer {{secret:bench_token}}"}\n'
+    if variant in ("signed", "both"):
+        extra += "    signature: {required: true, tolerance_sec: 3600}\n"
+    address = '    ip_address: [127.0.0.0/8, "::1"]\n'
+    signing = '    signing_secrets: ["{{secret:bench_sign}}"]\n'
+    text = text.replace(route, route + extra).replace(address, address + signing)
+    return secrets + text
+
+
+def bench_secrets(large: Generated, work: Path, quick: bool, connections: int) -> dict[str, Any]:
+    """Header injection and signature verification against the same config without them (1 KB POSTs)."""
+    from knoxcall_addon.signing import sign
+
+    rounds = 3 if quick else 6
+    duration = 2.0 if quick else 3.0
+    env = {"KC_BENCH_TOKEN": os.urandom(16).hex(), "KC_BENCH_SIGN": os.urandom(16).hex()}
+    timestamp = str(int(time.time()))
+    signature = sign(env["KC_BENCH_SIGN"], timestamp, "POST", "/bench", b"a" * BODY_BYTES)
+    # every variant gets the same request, signature headers included (only "signed" checks them)
+    headers = f"X-Timestamp: {timestamp}|X-Signature: {signature}|Authorization: Bearer the-callers-own"
+    result: dict[str, Any] = {"connections": connections, "rounds": rounds, "seconds_per_round": duration,
+                              "body_bytes": BODY_BYTES}  # fmt: skip
+    with upstream_process() as up, contextlib.ExitStack() as stack:
+        variants = {}
+        for name in SECRET_VARIANTS:
+            folder = variant_copy(large, work / f"sec-{name}", secrets_bench_file(name))
+            ready = 401 if name in ("signed", "both") else 200  # an unsigned GET is refused there
+            variants[name] = stack.enter_context(mitmdump(up, folder, work / f"sec-{name}.log", env=env, ready=ready))
+        for port, _ in variants.values():
+            first = run_load(port, connections, 1.0, headers=headers, body_bytes=BODY_BYTES)  # first-use costs
+            if first["error_count"]:
+                raise RuntimeError(f"the secrets bench's requests are refused: {first['errors']}")
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+        for i in range(rounds):
+            names = list(variants)
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                runs[name].append(measured_run(*variants[name], connections, duration, headers, BODY_BYTES))
+    for name, rs in runs.items():
+        result[name] = summary(rs)
+    base = runs["plain"]
+    for name in SECRET_VARIANTS[1:]:
+        ratios = [a["rps"] / b["rps"] for a, b in zip(runs[name], base, strict=True) if b["rps"]]
+        result[name]["throughput_ratio_per_round"] = [round(r, 3) for r in ratios]
+        result[name]["throughput_ratio"] = round(statistics.median(ratios), 3) if ratios else None
+        result[name]["extra_cpu_us_per_request"] = round(
+            result[name]["cpu_us_per_request"] - result["plain"]["cpu_us_per_request"], 1
+        )
+
+
 # -- 6. instructions per request -------------------------------------------------------------
 
 
@@ -621,7 +707,15 @@ def _metrics(folder: Path) -> list[str]:
 
 
 def _headers(folder: Path) -> list[str]:
-    raise NotImplementedError("fill in when header injection lands: inject a header on BENCH_ROUTE")
+    # BENCH_ROUTE injects a header from a file secret (added to what the other features wrote)
+    (folder / "bench_token").write_text(os.urandom(16).hex() + "\n")
+    config = folder / "knoxcall.yaml"
+    route = f"  - name: {BENCH_ROUTE}\n"
+    text = config.read_text().replace(
+        route, route + '    inject_headers: {Authorization: "Bearer {{secret:bench_token}}"}\n', 1
+    )
+    config.write_text("secrets:\n  - name: bench_token\n    file: bench_token\n" + text)
+    return []
 
 
 FEATURES = (
@@ -631,7 +725,11 @@ FEATURES = (
         lambda: None if "knoxcall_metrics" in _addon_source() else "not on this branch (knoxcall_metrics)",
         _metrics,
     ),
-    Feature("header_injection", lambda: "not on this branch yet (secrets-signing): see _headers", _headers),
+    Feature(
+        "header_injection",
+        lambda: None if "inject_headers" in _addon_source() else "not on this branch (inject_headers)",
+        _headers,
+    ),
 )
 
 
@@ -765,6 +863,23 @@ def print_table(report: dict[str, Any]) -> None:
             print(line)
         if "redis_note" in r:
             print(r["redis_note"])
+    if "scaleout" in report:
+        print_scaleout(report["scaleout"])
+    if "secrets" in report:
+        r = report["secrets"]
+        rounds = f"{r['rounds']} alternated rounds of {r['seconds_per_round']} s"
+        print(f"\n6. injected headers and signed requests: POSTs of {r['body_bytes']} bytes, against the same "
+              f"config without them ({r['connections']} connections, {rounds})")  # fmt: skip
+        for name in SECRET_VARIANTS:
+            v = r[name]
+            line = (f"{name:<10} {v['rps']:>7} req/s  p50 {v['p50_ms']:.3f} ms  p99 {v['p99_ms']:.3f} ms  "
+                    f"CPU {v['cpu_us_per_request']} µs/req  rounds {v['rps_per_round']}")  # fmt: skip
+            line += f"  errors {v['errors']}"
+            if "throughput_ratio" in v:
+                per_round = v["throughput_ratio_per_round"]
+                line += (f"\n{'':<10} throughput ratio {v['throughput_ratio']} (per round {per_round}), "
+                         f"+{v['extra_cpu_us_per_request']} µs CPU per request")  # fmt: skip
+            print(line)
     if "instructions" in report:
         r = report["instructions"]
         print("\n6. instructions per request (callgrind; the large config, hot reload off; bare/variant is the "
@@ -826,6 +941,10 @@ def main(argv: list[str] | None = None) -> int:
             report["reload"] = bench_reload(large, work, args.quick)
         if "ratelimit" in sections:
             report["ratelimit"] = bench_ratelimit(large, work, args.quick, args.connections)
+        if "scaleout" in sections:
+            report["scaleout"] = bench_scaleout(large, work, args.quick, args.connections, sys.modules[__name__])
+        if "secrets" in sections:
+            report["secrets"] = bench_secrets(large, work, args.quick, args.connections)
         if "instructions" in sections:
             wanted = args.features.split(",") if args.features else None
             report["instructions"] = bench_instructions(large, work, args.quick, wanted)

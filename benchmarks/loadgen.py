@@ -80,10 +80,18 @@ async def _connection(
         writer.close()
 
 
-async def run_load(host: str, port: int, connections: int, duration: float, warmup: float, headers: str) -> dict:
-    """Closed loop: each connection sends its next request when the previous answer is in."""
+async def run_load(
+    host: str, port: int, connections: int, duration: float, warmup: float, headers: str, body_bytes: int = 0
+) -> dict:
+    """Closed loop: each connection sends its next request when the previous answer is in.
+
+    With ``body_bytes``, a POST with that many bytes of body (``a``: no CRLF in it, which the
+    fixed-response upstream counts requests by)."""
     extra = "".join(f"{h}\r\n" for h in headers.split("|") if h)
-    request = f"GET /bench HTTP/1.1\r\nHost: {host}:{port}\r\n{extra}\r\n".encode()
+    if body_bytes:
+        extra += f"Content-Length: {body_bytes}\r\n"
+    method = "POST" if body_bytes else "GET"
+    request = f"{method} /bench HTTP/1.1\r\nHost: {host}:{port}\r\n{extra}\r\n".encode() + b"a" * body_bytes
     latencies: list[int] = []
     errors: list[str] = []
     total = [0]
@@ -121,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     load.add_argument("--duration", type=float, default=3.0)
     load.add_argument("--warmup", type=float, default=0.5)
     load.add_argument("--headers", default="", help="extra header lines, separated by |")
+    load.add_argument("--body-bytes", type=int, default=0, help="send POSTs with a body of this many bytes")
     args = parser.parse_args(argv)
     if args.host not in ("127.0.0.1", "::1", "localhost") and not args.host.startswith("127."):
         parser.error("loopback only")
@@ -128,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve_upstream(args.host, args.port))
         return 0
     duration = min(args.duration, 60.0)
-    result = asyncio.run(run_load(args.host, args.port, args.connections, duration, args.warmup, args.headers))
+    result = asyncio.run(
+        run_load(args.host, args.port, args.connections, duration, args.warmup, args.headers, args.body_bytes)
+    )
     json.dump(result, sys.stdout)
     return 0
 

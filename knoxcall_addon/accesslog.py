@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("knoxcall")
+
+ROTATION_CHECK_SECONDS = 1.0  # how often the path is looked at for a rotated (moved) file
 
 ACCESS_LOG_FIELDS = (
     "ts",
@@ -28,6 +33,7 @@ ACCESS_LOG_FIELDS = (
     "user_agent",
     "latency_ms",
     "config_version",
+    "report_only",
     "rate_limit",
 )
 
@@ -44,16 +50,63 @@ class AccessLog:
     A line that cannot be written (disk full, file gone bad) is never silent, and never
     an error for the request: the first failure of a burst is logged at ERROR, and the
     first line written after it says how many were lost (so does `close`).
+
+    Rotation: at most once a second (before a write) the path is compared with the open
+    file; when logrotate has moved the file away (or it was deleted), a new file is opened
+    at the path. Lines written in that second still go to the moved file, so nothing is
+    lost as long as it is not compressed at once (logrotate's ``delaycompress``).
+    ``copytruncate`` needs nothing (the file is opened for appending). A new file that
+    cannot be opened is logged once, and lines keep going to the moved one.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self._open()
+        self.lost = 0  # lines not written since the last one that was
+        self.lost_total = 0  # lines not written since the file was opened (for /metrics)
+        self._torn = False  # the last failed write may have left part of a line
+        self._check_at = time.monotonic() + ROTATION_CHECK_SECONDS
+        self._reopen_failed = False  # logged once until a reopen works
+
+    def _open(self) -> Any:
         # Unbuffered bytes: each line is one write(2) (what line buffering did), and a
         # failed line leaves nothing behind in a buffer to come out later or twice.
-        self._file = self.path.open("ab", buffering=0)
-        self.lost = 0  # lines not written since the last one that was
-        self._torn = False  # the last failed write may have left part of a line
+        opened = self.path.open("ab", buffering=0)
+        status = os.fstat(opened.fileno())
+        self._identity = (status.st_dev, status.st_ino)
+        return opened
+
+    def follow_rotation(self) -> None:
+        """Open a new file at the path when the open one was moved away or removed."""
+        try:
+            status = os.stat(self.path)
+            if (status.st_dev, status.st_ino) == self._identity:
+                return
+        except FileNotFoundError:
+            pass  # moved, and no new file yet (logrotate's nocreate): make it
+        except OSError as e:
+            self._reopen_problem(e)
+            return
+        try:
+            new = self._open()
+        except OSError as e:
+            self._reopen_problem(e)
+            return
+        old, self._file = self._file, new
+        self._torn = False  # a torn line was the old file's
+        self._reopen_failed = False
+        logger.info(f"knoxcall: the access log {self.path} was moved or removed (rotated); writing a new one")
+        with contextlib.suppress(OSError):
+            old.close()
+
+    def _reopen_problem(self, error: OSError) -> None:
+        if not self._reopen_failed:
+            self._reopen_failed = True
+            logger.error(
+                f"knoxcall: the access log {self.path} was rotated but cannot be opened again: "
+                f"{type(error).__name__}: {error}; still writing to the file it was (logged once)"
+            )
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record as a JSON line; never raises for a failed write (see the class)."""
@@ -64,6 +117,10 @@ class AccessLog:
         except UnicodeEncodeError:  # a header's non-UTF-8 byte (surrogateescape), or worse
             line = {name: printable(value) if isinstance(value, str) else value for name, value in line.items()}
             data = (json.dumps(line, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
+        now = time.monotonic()
+        if now >= self._check_at:
+            self._check_at = now + ROTATION_CHECK_SECONDS
+            self.follow_rotation()
         if self._torn:
             data = b"\n" + data  # end the torn line: it stays one bad line, not two
         try:
@@ -75,6 +132,7 @@ class AccessLog:
                     "lines are lost until writing works again (logged once, with the count when it does)"
                 )
             self.lost += 1
+            self.lost_total += 1
             return
         self._torn = False
         if self.lost:

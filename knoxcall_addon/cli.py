@@ -1,4 +1,4 @@
-"""The `knoxcall` command: check, explain, ping, new-key.
+"""The `knoxcall` command: check, explain, ping, new-key, sign, logs.
 
 Exit codes: 0 fine, 1 config errors (or warnings with --strict, or a denied explain
 with --exit-code), 2 usage errors, 3 ICMP not permitted (ping).
@@ -10,11 +10,16 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import secrets
+import shlex
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
+from knoxcall_addon import loginsights
 from knoxcall_addon.connectivity import (
     ICMP_CAVEAT,
     Pinger,
@@ -27,10 +32,12 @@ from knoxcall_addon.connectivity import (
 )
 from knoxcall_addon.explain import explain, request_for
 from knoxcall_addon.ipmatch import parse_ip
-from knoxcall_addon.lint import RULES, Finding, lint
+from knoxcall_addon.lint import RULES, Finding, lint, report_mode_places
 from knoxcall_addon.loader import OBJECT_NAME
 from knoxcall_addon.model import Config, ConfigError
 from knoxcall_addon.policy import Policy, load_policy
+from knoxcall_addon.secretsource import secret_lines
+from knoxcall_addon.signing import NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
@@ -66,6 +73,10 @@ def main(argv: Sequence[str] | None = None, *, pinger: Pinger = icmp_pinger, out
         return ping(args.config, settings, include_all=args.all, pinger=pinger, out=out)
     if args.command == "new-key":
         return new_key(args.type, args.name, out)
+    if args.command == "sign":
+        return sign_command(args, out)
+    if args.command == "logs":
+        return loginsights.logs_command(args, out)
     if args.command == "echo":
         from knoxcall_addon.echoserver import serve
 
@@ -113,6 +124,17 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("new-key", help="print a new random API key once, and its api_keys entry")
     p.add_argument("--type", choices=("live", "test"), default="live")
     p.add_argument("--name", default="new-key", help="name for the api_keys entry (default: new-key)")
+
+    p = sub.add_parser("sign", help="the headers (and a curl command) a caller sends for a signed request")
+    p.add_argument("--secret-env", required=True, metavar="VAR", help="environment variable holding the secret")
+    p.add_argument("--method", default="GET", help="HTTP method, as sent (default GET)")
+    p.add_argument("--path", required=True, help="path as sent, with its query, e.g. '/v1/pay?x=1'")
+    p.add_argument("--body-file", metavar="FILE", help="the exact body bytes (default: no body)")
+    p.add_argument("--nonce", nargs="?", const="", metavar="NONCE", help="sign with a nonce (random unless given)")
+    p.add_argument("--timestamp", type=_positive_int, help="Unix seconds (default: now)")
+    p.add_argument("--url", default="http://127.0.0.1:8080", help="the proxy's base URL, for the curl command")
+    p = sub.add_parser("logs", help="summary of the access log: denials, top refused callers and the fix for each")
+    loginsights.add_arguments(p)
 
     p = sub.add_parser("echo", help="a stand-in API for trying KnoxCall: answers with what each request carried")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -208,12 +230,19 @@ def check(folder: str, *, fmt: str = "text", strict: bool = False, ignore: set[s
 def config_notes(config: Config) -> list[str]:
     """What the loader assumed for a config that does not say it (neither an error nor a
     lint finding: the config is fine, but its reader should know)."""
-    return [
+    notes = [
         f"no environments are declared, so the default environment {env.name!r} is the only one; "
         "an 'environments' list replaces it"
         for env in config.environments.values()
         if env.implicit
+    ] + secret_lines(config)  # which value each secret has (a fingerprint, never the value)
+    default = config.settings.default_environment
+    notes += [
+        f"route {route!r} is in report mode in {environment}: refusals of the client check are logged, not enforced"
+        for route, environment in report_mode_places(config)
+        if environment != default
     ]
+    return notes
 
 
 # -- explain -----------------------------------------------------------------------------
@@ -290,6 +319,40 @@ def new_key(key_type: str, name: str, out: TextIO) -> int:
         f"    type: {key_type}\n"
         "    enabled: true\n"
     )
+    return EXIT_OK
+
+
+# -- sign --------------------------------------------------------------------------------
+
+
+def sign_command(args: argparse.Namespace, out: TextIO) -> int:
+    """Print what a caller sends on a signed route, computed as the proxy checks it (signing.py).
+
+    The secret comes from an environment variable, never the command line (shell history,
+    ps); the output holds the signature, which does not reveal it."""
+    secret = os.environ.get(args.secret_env, "")
+    if not secret:
+        sys.stderr.write(f"knoxcall sign: environment variable {args.secret_env} is not set or empty\n")
+        return EXIT_USAGE
+    body = b""
+    if args.body_file:
+        try:
+            body = Path(args.body_file).read_bytes()
+        except OSError as e:
+            sys.stderr.write(f"knoxcall sign: cannot read --body-file {args.body_file}: {e.strerror}\n")
+            return EXIT_USAGE
+    timestamp = str(args.timestamp or int(time.time()))
+    nonce = None if args.nonce is None else (args.nonce or secrets.token_urlsafe(16))
+    headers = [(TIMESTAMP_HEADER, timestamp)] + ([(NONCE_HEADER, nonce)] if nonce is not None else [])
+    headers.append((SIGNATURE_HEADER, sign(secret, timestamp, args.method, args.path, body, nonce)))
+    for name, value in headers:
+        out.write(f"{name}: {value}\n")
+    curl = ["curl", "-X", args.method, args.url.rstrip("/") + args.path]
+    for name, value in headers:
+        curl += ["-H", f"{name}: {value}"]
+    if args.body_file:
+        curl += ["--data-binary", f"@{args.body_file}"]
+    out.write("\n" + " ".join(shlex.quote(word) for word in curl) + "\n")
     return EXIT_OK
 
 

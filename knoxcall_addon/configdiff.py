@@ -41,7 +41,7 @@ class SectionChanges:
 
 SUMMARY_LIMIT = 25  # names per section in a summary line
 
-SECTIONS = ("settings", "environments", "clients", "routes", "assignments", "api_keys")
+SECTIONS = ("settings", "environments", "clients", "routes", "assignments", "api_keys", "secrets")
 
 
 @dataclass(frozen=True)
@@ -82,9 +82,25 @@ def diff_configs(old: Config | None, new: Config) -> ConfigDiff:
         sections.append(("settings", SectionChanges(changed=tuple((name, "") for name in settings))))
     for section in SECTIONS[1:]:
         changes = _compare(_named(old, section), _named(new, section), section)
+        if section == "secrets":
+            changes = _rotated(old, new, changes)
         if changes:
             sections.append((section, changes))
     return ConfigDiff(tuple(sections))
+
+
+def _rotated(old: Config, new: Config, changes: SectionChanges) -> SectionChanges:
+    """Secrets whose value changed (by fingerprint: a diff never holds a value), as ``~name(value)``."""
+    changed = dict(changes.changed)
+    for name, secret in new.secrets.items():
+        before = old.secrets.get(name)
+        if before is None:
+            continue
+        every = (secret.source, before.source, *secret.environments.values(), *before.environments.values())
+        sources = {s for s in every if s is not None}
+        if any(old.secret_values.fingerprint(s) != new.secret_values.fingerprint(s) for s in sources):
+            changed[name] = ",".join(filter(None, (changed.get(name, ""), "value")))
+    return SectionChanges(changes.added, changes.removed, tuple(changed.items()))
 
 
 def _named(config: Config, section: str) -> Mapping[str, Any]:

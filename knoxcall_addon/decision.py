@@ -119,6 +119,8 @@ class Decision:
     body: dict[str, Any] = field(default_factory=dict)  # the JSON body of a denial
     allow_methods: tuple[str, ...] = ()  # for the Allow header of a 405
     detail: str = ""  # extra words for the log, never for the client
+    # let through although refused by a check in report mode (the reason says which, see README)
+    report_only: bool = False
 
     @property
     def decision(self) -> str:
@@ -153,6 +155,7 @@ class Decision:
             "peer_ip": self.peer_ip,
             "api_key": self.api_key,
             "config_version": self.config_version,
+            "report_only": self.report_only,
         }
 
 
@@ -385,20 +388,29 @@ def decide_plain(policy: Policy, facts: RequestFacts) -> Decision:
     for name in covering:
         if name in access.allowed:
             return _allowed_method(base, "client", route, environment, facts.method, client=name)
+    refused = _client_refusal(policy, covering, access)
+    if (route.name, environment) in policy.report_only:
+        reason, client, detail = refused
+        base["report_only"] = True
+        base["detail"] = f"report-only: would be refused 403{f' ({detail})' if detail else ''}"
+        return _allowed_method(base, reason, route, environment, facts.method, client=client)
+    return _deny(base, refused[0], client=refused[1], detail=refused[2])
+
+
+def _client_refusal(
+    policy: Policy, covering: tuple[str, ...] | list[str], access: Any
+) -> tuple[str, str | None, str]:
+    """(reason, client named, detail) of a caller that no client assigned here lets in."""
     disabled_here = [n for n in covering if n in access.assigned]
     if disabled_here:
-        return _deny(base, "client_disabled", client=disabled_here[0], detail=f"client {disabled_here[0]} is disabled")
+        return "client_disabled", disabled_here[0], f"client {disabled_here[0]} is disabled"
     enabled_elsewhere = [n for n in covering if n in policy.enabled_clients]
     if enabled_elsewhere:
-        return _deny(
-            base,
-            "client_not_assigned",
-            client=enabled_elsewhere[0],
-            detail=f"client {enabled_elsewhere[0]} is not assigned to this route and environment",
-        )
+        name = enabled_elsewhere[0]
+        return "client_not_assigned", name, f"client {name} is not assigned to this route and environment"
     if covering:
-        return _deny(base, "client_disabled", client=covering[0], detail=f"client {covering[0]} is disabled")
-    return _deny(base, "ip_not_whitelisted")
+        return "client_disabled", covering[0], f"client {covering[0]} is disabled"
+    return "ip_not_whitelisted", None, ""
 
 
 def _allowed_method(
@@ -407,7 +419,10 @@ def _allowed_method(
     """7. method: allowed by every other check; refused only for its method."""
     methods = route.methods_for(environment)
     if methods is not None and method not in methods:  # case-sensitive, as upstreams compare them
-        return _deny(base, "method_not_allowed", client=client, allow_methods=tuple(sorted(methods)))
+        # a real refusal, report mode or not (its detail keeps what the client check would say)
+        return _deny(
+            base, "method_not_allowed", client=client, allow_methods=tuple(sorted(methods)), report_only=False
+        )
     return _allow(base, reason, route, environment, client)
 
 

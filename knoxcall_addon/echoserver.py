@@ -17,17 +17,18 @@ class EchoHandler(BaseHTTPRequestHandler):
     def _echo(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        payload = json.dumps(
-            {
-                "upstream": "knoxcall echo",
-                "method": self.command,
-                "path": self.path,
-                "headers": [[name, value] for name, value in self.headers.items()],
-                "body": body.decode("utf-8", "replace"),
-                "peer": self.client_address[0],
-            },
-            indent=2,
-        ).encode() + b"\n"
+        seen = {
+            "upstream": getattr(self.server, "name", "knoxcall echo"),
+            "method": self.command,
+            "path": self.path,
+            "headers": [[name, value] for name, value in self.headers.items()],
+            "body": body.decode("utf-8", "replace"),
+            "peer": self.client_address[0],
+        }
+        record = getattr(self.server, "seen", None)  # the tests' upstream keeps every request
+        if record is not None:
+            record.append(seen)
+        payload = json.dumps(seen, indent=2).encode() + b"\n"
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))

@@ -16,6 +16,8 @@ from knoxcall_addon.ipmatch import parse_ip
 from knoxcall_addon.model import Client, IPAddress, IPNetwork
 from knoxcall_addon.policy import Policy
 from knoxcall_addon.ratelimit import explain_lines
+from knoxcall_addon.signing import before_body
+from knoxcall_addon.signing import explain_lines as signature_lines
 
 NEAR_MISS_LIMIT = 10  # near misses listed at most; a lookup can cover many clients
 
@@ -92,9 +94,13 @@ def request_for(
 def explain(policy: Policy, facts: RequestFacts) -> Explanation:
     """Decide ``facts`` like the proxy would, and say why in a few lines."""
     decision = decide(policy, facts)
+    if decision.allowed and decision.route in policy.signatures:  # refused at once without a client, as the proxy
+        decision = before_body(decision, streamed=False) or decision
     config = policy.config
     lines: list[str] = []
     verdict = "ALLOWED" if decision.allowed else f"DENIED ({decision.status})"
+    if decision.report_only:
+        verdict = "ALLOWED (report-only: refused when enforced)"
     lines.append(f"{verdict}: {decision.reason}")
     where = f"{facts.method} {facts.host or '<any host>'}{facts.path}"
     lines.append(
@@ -128,6 +134,13 @@ def explain(policy: Policy, facts: RequestFacts) -> Explanation:
     elif decision.reason in _REFUSED_BEFORE_THE_IP_CHECK:
         lines += _ip_check_alone(policy, facts, decision)
     lines += explain_lines(policy.rate_limits, decision)
+    if decision.route in policy.signatures and decision.environment is not None:
+        lines += signature_lines(policy.signatures[decision.route], policy.signing_keys, decision.client,
+                                 decision.environment)  # fmt: skip
+    injected = policy.injections.get((decision.route or "", decision.environment or ""))
+    if decision.allowed and injected is not None:  # as the flow shows them: placeholders, never a value
+        shown = ", ".join(f"{name.decode()}: {value.decode('utf-8', 'replace')}" for name, value in injected.fields)
+        lines.append(f"  injects: {shown}")
     return Explanation(facts, decision, matched, lines)
 
 
@@ -190,14 +203,92 @@ def best_range(client: Client, address: IPAddress) -> IPNetwork | None:
     return max(containing, key=lambda n: n.prefixlen, default=None)
 
 
+@dataclass(frozen=True)
+class NearMiss:
+    """A client that holds the address but does not let it in on this route and environment."""
+
+    client: str
+    network: IPNetwork | None  # its narrowest range that holds the address
+    enabled: bool
+    here: bool  # assigned to this route and environment (then it is disabled)
+    elsewhere: tuple[str, ...]  # "route/environment" pairs it is assigned to instead
+    other_environments: tuple[str, ...]  # environments of this route it is assigned in
+
+
+def near_misses(policy: Policy, address: IPAddress, route: str, environment: str) -> list[NearMiss]:
+    """Every client that holds ``address``, in declaration order, with where it is assigned."""
+    config = policy.config
+    misses: list[NearMiss] = []
+    for name in policy.clients_by_ip.lookup(address):
+        client = config.clients[name]
+        here = False
+        elsewhere: list[str] = []
+        for a in config.assignments:
+            if name in a.clients:
+                if a.route == route and a.environment == environment:
+                    here = True
+                else:
+                    elsewhere.append(f"{a.route}/{a.environment}")
+        other_envs = tuple(e.split("/", 1)[1] for e in elsewhere if e.split("/", 1)[0] == route)
+        misses.append(NearMiss(name, best_range(client, address), client.enabled, here, tuple(elsewhere), other_envs))
+    return misses
+
+
+def nearest_assigned(policy: Policy, address: IPAddress, route: str, environment: str) -> tuple[str, IPNetwork] | None:
+    """The enabled client assigned here whose range is nearest ``address`` (longest common
+    prefix; the first in name order on a tie): the one an address that fits none most
+    likely belongs to."""
+    config = policy.config
+    best: tuple[int, str, IPNetwork] | None = None
+    for name in sorted(policy.access_for(route, environment).allowed):
+        for network in config.clients[name].networks:
+            if network.version != address.version:
+                continue
+            differing = (int(address) ^ int(network.network_address)).bit_length()
+            shared = min(network.prefixlen, network.max_prefixlen - differing)
+            if best is None or shared > best[0]:
+                best = (shared, name, network)
+    return (best[1], best[2]) if best is not None else None
+
+
+def advice(policy: Policy, decision: Decision) -> tuple[str, str] | None:
+    """For a caller the client check refused: (the near miss, the config change that lets it in),
+    one sentence each; None for any other decision. `knoxcall logs` prints them."""
+    if decision.reason not in _REFUSED_BY_THE_IP_CHECK or not decision.client_ip:
+        return None
+    address = parse_ip(decision.client_ip)
+    route, environment = decision.route or "", decision.environment or ""
+    if address is None:
+        return None
+    misses = near_misses(policy, address, route, environment)
+    if misses:
+        miss = next((m for m in misses if m.client == decision.client), misses[0])
+        steps = [] if miss.enabled else [f"enable client {miss.client} (enabled: true)"]
+        if not miss.here:
+            steps.append(f"add {miss.client} to assignments: {route}: {environment}")
+        return _near_miss_line(miss, route, environment).strip(), " and ".join(steps)
+    nearest = nearest_assigned(policy, address, route, environment)
+    if nearest is None:
+        return (
+            f"no client holds {address} and no enabled client is assigned to {route} in {environment}",
+            f"add a client with {address} and assign it to {route} in {environment}",
+        )
+    name, network = nearest
+    return (
+        f"no client holds {address}; client {name} (assigned here) has {network}",
+        f"add {address} to client {name}'s ip_address, or assign the client that should hold it "
+        f"to {route} in {environment}",
+    )
+
+
 def _near_misses(policy: Policy, address: IPAddress, decision: Decision) -> list[str]:
     """Clients that contain the address but do not let it in here, and why not."""
     config = policy.config
     route = decision.route or ""
     environment = decision.environment or ""
-    covering = policy.clients_by_ip.lookup(address)
+    misses = near_misses(policy, address, route, environment)
     lines: list[str] = []
-    if not covering:
+    if not misses:
         lines.append(f"  no client contains {address}")
         assigned = policy.access_for(route, environment).assigned
         if assigned:
@@ -208,38 +299,32 @@ def _near_misses(policy: Policy, address: IPAddress, decision: Decision) -> list
             lines.append(f"  no client is assigned to {route} in {environment}")
         return lines
     lines.append("  near misses:")
-    for name in covering[:NEAR_MISS_LIMIT]:
-        client = config.clients[name]
-        network = best_range(client, address)
-        here = False
-        elsewhere: list[str] = []
-        for a in config.assignments:
-            if name in a.clients:
-                if a.route == route and a.environment == environment:
-                    here = True
-                else:
-                    elsewhere.append(f"{a.route}/{a.environment}")
-        other_envs = [e.split("/", 1)[1] for e in elsewhere if e.split("/", 1)[0] == route]
-        others = ", ".join(elsewhere[:NEAR_MISS_LIMIT]) + (" ..." if len(elsewhere) > NEAR_MISS_LIMIT else "")
-        if not client.enabled:
-            # Disabled wins over everything else: it is why the client does not count,
-            # even where it is assigned (check's disabled-assigned warns about that).
-            why = "is disabled"
-            if here:
-                why += f" (it is assigned to {route} in {environment})"
-                where = f"; also assigned to {others}" if elsewhere else ""
-            else:
-                where = f"; assigned to {others}" if elsewhere else "; assigned nowhere"
-        elif other_envs:
-            why = f"is assigned to {route} only in {', '.join(other_envs)}, not in {environment}"
-            where = ""
-        else:
-            why = f"is not assigned to {route} in {environment}"
-            where = f"; assigned to {others}" if elsewhere else "; assigned nowhere"
-        lines.append(f"    client {name} ({network}) {why}{where}")
-    if len(covering) > NEAR_MISS_LIMIT:
-        lines.append(f"    ... and {len(covering) - NEAR_MISS_LIMIT} more")
+    lines.extend(f"    {_near_miss_line(miss, route, environment)}" for miss in misses[:NEAR_MISS_LIMIT])
+    if len(misses) > NEAR_MISS_LIMIT:
+        lines.append(f"    ... and {len(misses) - NEAR_MISS_LIMIT} more")
     return lines
+
+
+def _near_miss_line(miss: NearMiss, route: str, environment: str) -> str:
+    """``client NAME (RANGE) <why it does not let the address in>``."""
+    elsewhere = miss.elsewhere
+    others = ", ".join(elsewhere[:NEAR_MISS_LIMIT]) + (" ..." if len(elsewhere) > NEAR_MISS_LIMIT else "")
+    if not miss.enabled:
+        # Disabled wins over everything else: it is why the client does not count,
+        # even where it is assigned (check's disabled-assigned warns about that).
+        why = "is disabled"
+        if miss.here:
+            why += f" (it is assigned to {route} in {environment})"
+            where = f"; also assigned to {others}" if elsewhere else ""
+        else:
+            where = f"; assigned to {others}" if elsewhere else "; assigned nowhere"
+    elif miss.other_environments:
+        why = f"is assigned to {route} only in {', '.join(miss.other_environments)}, not in {environment}"
+        where = ""
+    else:
+        why = f"is not assigned to {route} in {environment}"
+        where = f"; assigned to {others}" if elsewhere else "; assigned nowhere"
+    return f"client {miss.client} ({miss.network}) {why}{where}"
 
 
 def _client_summary(client: Client) -> str:

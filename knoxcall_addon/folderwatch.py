@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from watchdog.events import (
@@ -75,6 +75,29 @@ def quiet_watchdog_debug() -> None:
     if watchdog_logger.level == logging.NOTSET:
         watchdog_logger.setLevel(logging.INFO)
 
+
+
+def secret_dirs(files: Iterable[str]) -> set[Path]:
+    """The folders of secret files (see secretsource.py), and of their symlinks' targets.
+
+    A Kubernetes Secret volume's ``token`` is ``..data/token``, and ``..data`` a symlink
+    that a rotation swaps: seen in the file's own folder; an edit behind a symlink only in
+    its target's folder. A folder that does not exist (yet) is left out.
+    """
+    dirs: set[Path] = set()
+    for name in files:
+        path = Path(name)
+        for candidate in (path.parent, _target_dir(path)):
+            if candidate is not None and candidate.is_dir():
+                dirs.add(candidate)
+    return dirs
+
+
+def _target_dir(path: Path) -> Path | None:
+    try:
+        return path.resolve(strict=True).parent if path.is_symlink() else None
+    except (OSError, RuntimeError):
+        return None
 
 
 def watch_dirs(folder: Path) -> set[Path]:
@@ -158,9 +181,13 @@ class FolderWatcher:
         warn_every: float = OPEN_WARN_SECONDS,
         settle: float = SETTLE_SECONDS,
         health: float = HEALTH_SECONDS,
+        extra_files: Callable[[], Iterable[str]] | None = None,
     ) -> None:
         self.folder = Path(os.path.abspath(folder))
         self._on_quiet = on_quiet
+        # secret files the config names (outside the folder, often): watched like its files
+        self._extra_files = extra_files or (lambda: ())
+        self._extra: frozenset[str] = frozenset()
         self._debounce = debounce
         self._settle = min(settle, debounce)
         self._max_delay = max_delay
@@ -239,7 +266,7 @@ class FolderWatcher:
         """An event from watchdog's thread: track files being written, then poke."""
         src = os.fsdecode(event.src_path)
         with self._cond:
-            if isinstance(event, FileModifiedEvent) and _is_config_name(src):
+            if isinstance(event, FileModifiedEvent) and self._is_read(src):
                 # Only config files: an editor keeps its swap file open while you type.
                 self.modifications += 1
                 if self.tracks_open_files and src not in self._writing:
@@ -250,14 +277,18 @@ class FolderWatcher:
                 if isinstance(event, FileMovedEvent):  # renamed over: a new, complete file
                     self._writing.pop(os.fsdecode(event.dest_path), None)
             if isinstance(event, FileClosedEvent):
-                self._completed = self._completed or _is_config_name(src)
-            elif isinstance(event, FileMovedEvent) and _is_config_name(os.fsdecode(event.dest_path)):
+                self._completed = self._completed or self._is_read(src)
+            elif isinstance(event, FileMovedEvent) and self._is_read(os.fsdecode(event.dest_path)):
                 self._completed = True
-            elif not isinstance(event, DirModifiedEvent) and (event.is_directory or _is_config_name(src)):
+            elif not isinstance(event, DirModifiedEvent) and (event.is_directory or self._is_read(src)):
                 # (a folder's own "modified" follows any change in it; other files,
                 # e.g. an editor's swap or temp file, are never read)
                 self._completed = False
         self.poke()
+
+    def _is_read(self, path: str) -> bool:
+        """A file that a load reads: a config file, or a secret file the config names."""
+        return _is_config_name(path) or path in self._extra
 
     def poke(self) -> None:
         """Note an event; the call follows when events have been quiet for a while."""
@@ -349,7 +380,7 @@ class FolderWatcher:
         """Drop files being written that the config no longer reads (e.g. in the release
         that ``current`` pointed to before a swap): their close may never be seen."""
         try:
-            read = {os.path.realpath(path) for path in config_files(self.folder)}
+            read = {os.path.realpath(path) for path in (*config_files(self.folder), *self._extra)}
         except (ConfigError, OSError):
             return  # the folder is unreadable right now: keep waiting, the next event says more
         for path in [p for p in self._writing if os.path.realpath(p) not in read]:
@@ -414,6 +445,9 @@ class FolderWatcher:
         Returns whether a folder whose files are read got a new watch."""
         added = False
         wanted: dict[Path, _Handler] = {d: self._handler for d in watch_dirs(self.folder)}
+        extra = frozenset(os.path.abspath(f) for f in self._extra_files())
+        self._extra = extra
+        wanted.update((d, self._handler) for d in secret_dirs(extra))
         parent = self.folder.parent
         if parent not in wanted and parent != self.folder:
             wanted[parent] = self._parent_handler

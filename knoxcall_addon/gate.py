@@ -30,6 +30,8 @@ from knoxcall_addon.decision import (
 from knoxcall_addon.ipmatch import parse_ip
 from knoxcall_addon.policy import Policy
 from knoxcall_addon.ratelimit import HEADER_NAMES as RATE_LIMIT_HEADER_NAMES
+from knoxcall_addon.replay import remember
+from knoxcall_addon.signing import SIGNED_HEADERS
 
 _PREFIX_BYTES = HEADER_PREFIX.encode()
 _XFF_BYTES = b"x-forwarded-for"
@@ -421,6 +423,7 @@ def forward(flow: http.HTTPFlow, decision: Decision, policy: Policy | None = Non
     else:
         fields[forwarded_at] = (forwarded_name, b", ".join([*forwarded, peer.encode("utf-8", "surrogateescape")]))
     request.headers.fields = tuple(fields)
+    remember(flow, decision.route, decision.environment, decision.target_url is not None)
     if decision.target_url:
         target = urlsplit(decision.target_url)
         request.scheme = target.scheme
@@ -430,6 +433,12 @@ def forward(flow: http.HTTPFlow, decision: Decision, policy: Policy | None = Non
         if base:
             request.path = base + (request.path if request.path.startswith("/") else "/" + request.path)
         request.host_header = _authority(target.scheme, request.host, request.port)
+
+
+def strip_signature_headers(flow: http.HTTPFlow) -> None:
+    """X-Signature, X-Timestamp and X-Nonce go no further than the proxy that checked them."""
+    request = flow.request
+    request.headers.fields = tuple(f for f in request.headers.fields if f[0].lower() not in SIGNED_HEADERS)
 
 
 def _is_ours(name: bytes) -> bool:

@@ -13,11 +13,6 @@ KnoxCall's and the connectivity monitor's in that order, as mitmproxy did.
 The objects stay findable as before: their commands are on the module (mitmproxy
 collects them there), and ``ctx.master.addons.get("knoxcall")`` and
 ``get("connectivitymonitor")`` find them (registered while the script is loaded).
-
-The ``response`` and ``error`` hooks only write access log lines: they are on the module
-only while an access log is open, so that no request pays for their dispatch otherwise
-(a request decided meanwhile is still logged when it completes after a log was opened:
-proxy_addon marks it on the flow).
 """
 
 from __future__ import annotations
@@ -32,8 +27,6 @@ from knoxcall_addon.connectivity import ConnectivityMonitor
 from knoxcall_addon.proxy_addon import KnoxCall
 
 LIFECYCLE = ("load", "configure", "running", "done")
-# written while an access log is open only (see the module's docstring)
-COMPLETION = ("response", "error")
 LOOKUP_NAMES = ("knoxcall", "connectivitymonitor")  # as mitmproxy named the two addons
 
 
@@ -66,11 +59,6 @@ def expose(namespace: MutableMapping[str, Any]) -> tuple[KnoxCall, ConnectivityM
         for name, method in commands(addon).items():
             namespace[name] = method
 
-    def completion_hooks() -> None:
-        """response and error while an access log is open; else none (mitmproxy skips a None)."""
-        for name in COMPLETION:
-            namespace[name] = getattr(knoxcall, name) if knoxcall.access_log is not None else None
-
     def load(loader: Any) -> None:
         lookup = loader.master.addons.lookup
         for name in LOOKUP_NAMES:  # as AddonManager.register refuses a second addon of a name
@@ -81,11 +69,8 @@ def expose(namespace: MutableMapping[str, Any]) -> tuple[KnoxCall, ConnectivityM
         lookup.update(zip(LOOKUP_NAMES, both, strict=True))
 
     def configure(updated: set[str]) -> None:
-        try:
-            knoxcall.configure(updated)
-            monitor.configure(updated)
-        finally:
-            completion_hooks()
+        knoxcall.configure(updated)
+        monitor.configure(updated)
 
     def running() -> None:
         knoxcall.running()
@@ -96,7 +81,6 @@ def expose(namespace: MutableMapping[str, Any]) -> tuple[KnoxCall, ConnectivityM
             knoxcall.done()
             monitor.done()
         finally:
-            completion_hooks()
             master = getattr(ctx, "master", None)
             lookup = getattr(getattr(master, "addons", None), "lookup", None)
             if isinstance(lookup, dict):
@@ -105,5 +89,4 @@ def expose(namespace: MutableMapping[str, Any]) -> tuple[KnoxCall, ConnectivityM
                         del lookup[name]
 
     namespace.update(load=load, configure=configure, running=running, done=done)
-    completion_hooks()
     return knoxcall, monitor

@@ -38,8 +38,10 @@ RULES: dict[str, str] = {
     "duplicate-range": "the same range twice, or a range inside another, in one client",
     "overlapping-range": "ranges of different clients overlap",
     "trusted-proxies": "trusted_proxies holding every address (error) or a very wide range (warning)",
+    "report-mode": "a route in report mode in the default environment (refusals logged, not enforced)",
     "test-key": "an enabled test key (it skips the client check outside the default environment)",
     "unreachable-limit": "a rate limit that can never refuse: an enforced limit on the same requests is as strict",
+    "unsigned-client": "a client assigned to a route that requires signed requests has no signing_secrets",
 }
 
 
@@ -84,7 +86,38 @@ def lint(config: Config) -> list[Finding]:
         if key.type == "test" and key.enabled
     ]
     findings += [Finding(where, "warning", "unreachable-limit", text) for where, text in unreachable_limits(config)]
+    findings += _report_mode_rules(config)
+    findings += _signature_rules(config)
     return sorted(findings)
+
+
+def report_mode_places(config: Config) -> list[tuple[str, str]]:
+    """(route, environment) pairs whose client check only reports its refusals."""
+    mode = config.settings.mode
+    return [
+        (route.name, environment)
+        for route in config.routes.values()
+        if route.enabled and route.requires_clients
+        for environment in config.environments
+        if route.mode_for(environment, mode) == "report"
+    ]
+
+
+def _report_mode_rules(config: Config) -> list[Finding]:
+    """Report mode in the default environment: a warning, so that a config repository's CI
+    notices a rollout left half done (elsewhere `knoxcall check` lists it as a note)."""
+    default = config.settings.default_environment
+    return [
+        Finding(
+            config.routes[route].location,
+            "warning",
+            "report-mode",
+            f'route "{route}" is in report mode in {environment} (the default environment): callers the '
+            "client check refuses are let through and logged with report_only; set mode: enforce when done",
+        )
+        for route, environment in report_mode_places(config)
+        if environment == default
+    ]
 
 
 def error_findings(config: Config) -> list[Finding]:
@@ -226,6 +259,28 @@ def _route_rules(config: Config) -> list[Finding]:
                         "open-forward",
                         f'open route "{route.name}" has neither target_base_url nor match: in '
                         f"{', '.join(untargeted)} it forwards any caller to wherever the request names",
+                    )
+                )
+    return findings
+
+
+def _signature_rules(config: Config) -> list[Finding]:
+    """A client with no signing secret, assigned to a route that requires signed requests: every
+    request it makes there is refused. Fail closed, but never meant: an error."""
+    findings: list[Finding] = []
+    for assignment in config.assignments:
+        route = config.routes[assignment.route]
+        if not route.enabled or not route.requires_signature:
+            continue
+        for name in assignment.clients:
+            if not config.clients[name].signing_secrets:
+                findings.append(
+                    Finding(
+                        assignment.location,
+                        "error",
+                        "unsigned-client",
+                        f'route "{route.name}" requires signed requests, but client "{name}" (assigned in '
+                        f"{assignment.environment}) has no signing_secrets: its requests there are always refused",
                     )
                 )
     return findings

@@ -7,7 +7,6 @@ names file, line and what is wrong; nothing is guessed or silently dropped.
 from __future__ import annotations
 
 import difflib
-import errno
 import os
 import posixpath
 import re
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from knoxcall_addon import secretsource
 from knoxcall_addon.model import (
     ApiKey,
     Assignment,
@@ -35,7 +35,8 @@ from knoxcall_addon.model import (
 )
 from knoxcall_addon.networks import pack_networks, pack_plain_network
 from knoxcall_addon.rateconfig import RATE_LIMIT_SETTINGS, read_rate_limit, read_rate_limit_settings
-from knoxcall_addon.yamlsource import YAML_SUFFIXES, LocatedDict, LocatedList, elide, read_folder
+from knoxcall_addon.signing import read_signature
+from knoxcall_addon.yamlsource import LocatedDict, LocatedList, check_folder, elide, read_folder
 
 ENVIRONMENT_NAME = re.compile(r"^[a-z0-9_-]+$")
 OBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -43,11 +44,11 @@ HOST_PATTERN = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-
 METHOD = re.compile(r"^[A-Z]+$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
-TOP_LEVEL_KEYS = ("settings", "environments", "clients", "routes", "assignments", "api_keys")
-SETTINGS_KEYS = ("default_environment", "trusted_proxies", "client_ip_header", "unmatched_requests")
+TOP_LEVEL_KEYS = ("settings", "environments", "clients", "routes", "assignments", "api_keys", "secrets")
+SETTINGS_KEYS = ("default_environment", "trusted_proxies", "client_ip_header", "unmatched_requests", "mode")
 SETTINGS_KEYS += RATE_LIMIT_SETTINGS
 ENVIRONMENT_KEYS = ("name", "description")
-CLIENT_KEYS = ("name", "type", "ip_address", "enabled", "description", "rate_limit")
+CLIENT_KEYS = ("name", "type", "ip_address", "enabled", "description", "rate_limit", "signing_secrets")
 ROUTE_KEYS = (
     "name",
     "target_base_url",
@@ -60,9 +61,13 @@ ROUTE_KEYS = (
     "description",
     "rate_limit",
     "client_rate_limit",
+    "mode",
+    "inject_headers",
+    "signature",
 )
 MATCH_KEYS = ("hosts", "path_prefix")
-OVERRIDE_KEYS = ("target_base_url", "allowed_methods", "rate_limit", "client_rate_limit")
+MODES = ("enforce", "report")
+OVERRIDE_KEYS = ("target_base_url", "allowed_methods", "rate_limit", "client_rate_limit", "mode", "inject_headers")
 API_KEY_KEYS = ("name", "key_sha256", "type", "enabled", "description")
 
 _MISSING = object()
@@ -78,36 +83,9 @@ def load_config(folder: str | Path) -> Config:
         raise ConfigError([Problem(where, "no config files (*.yaml, *.yml) in this folder")])
     builder = _Builder()
     for source in sources:
-        builder.add_file(source.data, str(source.path))
+        builder.add_file(source.data, str(source.path), source.text)
     config = builder.build(version=version, folder=str(path), files=tuple(str(s.path) for s in sources))
     return config
-
-
-def check_folder(folder: str | Path) -> Path:
-    """``folder`` as a Path if it names a folder; else ConfigError saying what it is.
-
-    The one place that judges the config folder itself, so that ``knoxcall`` and the
-    addon's ``knoxcall_config`` say the same words. Messages name the absolute path: a
-    relative one is relative to a working directory the reader may not know. An empty
-    name is refused rather than read as ``.`` (which ``Path("")`` is).
-    """
-    if not str(folder).strip():
-        raise ConfigError([Problem(Location('""', 0), "the config folder name is empty: name a folder, e.g. config")])
-    path = Path(folder)
-    where = Location(os.path.abspath(path), 0)
-    if path.is_dir():
-        return path
-    if path.exists():
-        hint = f"; name the folder that holds it, {os.path.dirname(where.file)}" if path.suffix in YAML_SUFFIXES else ""
-        raise ConfigError([Problem(where, f"the config folder is a file, not a folder{hint}")])
-    if path.is_symlink():
-        try:
-            os.stat(path)
-        except OSError as e:
-            if e.errno == errno.ELOOP:  # e.g. `current -> current` for a moment during a release swap
-                raise ConfigError([Problem(where, "the config folder is a symlink loop")]) from None
-        raise ConfigError([Problem(where, "the config folder is a broken symlink (its target does not exist)")])
-    raise ConfigError([Problem(where, "config folder does not exist")])
 
 
 class _Builder:
@@ -121,6 +99,7 @@ class _Builder:
             "clients": [],
             "routes": [],
             "api_keys": [],
+            "secrets": [],
         }
         self.assignments: dict[str, tuple[Any, Location]] = {}
 
@@ -176,6 +155,10 @@ class _Builder:
         self.problems.extend(problems)
         return limit
 
+    def checked(self, read: tuple[Any, list[Problem]]) -> Any:
+        """The value of a reader that returns (value, problems) (secretsource, signing); problems noted."""
+        return self.problems.extend(read[1]) or read[0]
+
     def name_field(self, entry: LocatedDict, what: str, pattern: re.Pattern[str]) -> str | None:
         name = self.field(entry, "name", str, what=what)
         if name is None:
@@ -187,13 +170,15 @@ class _Builder:
 
     # -- collecting ------------------------------------------------------------------
 
-    def add_file(self, data: Any, file: str) -> None:
+    def add_file(self, data: Any, file: str, text: str | None = None) -> None:
         if data is None:
             return
         if not isinstance(data, LocatedDict):
             self.error(Location(file, 1), "the file must be a mapping with keys " + ", ".join(TOP_LEVEL_KEYS))
             return
         self.check_keys(data, TOP_LEVEL_KEYS, "the top level")
+        if text is None or secretsource.MARK in text:  # (one search of the text: most files name no secret)
+            self.problems.extend(secretsource.stray_placeholders(data))
         for section in ("settings", "assignments"):
             if section not in data:
                 continue
@@ -230,9 +215,7 @@ class _Builder:
         api_keys = self._named(self.lists["api_keys"], "API key", self._api_key)
         settings = self._settings(environments)
         assignments = self._assignments(environments, clients, routes)
-        if self.problems:
-            raise ConfigError(self.problems)
-        return Config(
+        config = Config(
             settings=settings,
             environments=environments,
             clients=clients,
@@ -243,6 +226,12 @@ class _Builder:
             folder=folder,
             files=files,
         )
+        # the secrets, read now; every {{secret:NAME}} must name one with a value where it is in force
+        store_where = self.settings.get("rate_limit_store", (None, None))[1]
+        config = secretsource.with_secrets(config, self.lists["secrets"], self.problems, store_where)
+        if self.problems:
+            raise ConfigError(self.problems, config.secret_values.files, config.secret_values.file_stamp)
+        return config
 
     def _named(
         self,
@@ -326,6 +315,10 @@ class _Builder:
         proxies = NetworkSet()
         if "trusted_proxies" in values:
             proxies = self._networks(values["trusted_proxies"], where["trusted_proxies"], "trusted_proxies")
+        mode = values.get("mode", defaults.mode)
+        if mode not in MODES:
+            self.error(where["mode"], f"settings.mode must be 'enforce' or 'report', not {shown(mode)}")
+            mode = defaults.mode
         rate_limit_settings, problems = read_rate_limit_settings(values, where)
         self.problems.extend(problems)
         return Settings(
@@ -333,6 +326,7 @@ class _Builder:
             trusted_proxies=tuple(proxies),
             client_ip_header=header,
             unmatched_requests=unmatched,
+            mode=mode,
             **rate_limit_settings,
         )
 
@@ -399,6 +393,7 @@ class _Builder:
             description=description or "",
             location=entry.location,
             rate_limit=self.rate_limit(entry, "rate_limit", what),
+            signing_secrets=self.checked(secretsource.read_signing_secrets(entry, what)),
         )
 
     def _methods(self, entry: LocatedDict, what: str) -> frozenset[str] | None:
@@ -488,11 +483,14 @@ class _Builder:
                 self.error(where, f"{what}: the override for {shown(env_name)} must be a mapping")
                 continue
             self.check_keys(override, OVERRIDE_KEYS, f"{what} environment {shown(env_name)}")
+            label = f"{what} ({cut(env_name)})"
             overrides[env_name] = RouteOverride(
                 target_base_url=self._target(override, f"{what} ({cut(env_name)})"),
                 allowed_methods=self._methods(override, f"{what} ({cut(env_name)})"),
                 rate_limit=self.rate_limit(override, "rate_limit", f"{what} ({cut(env_name)})", True),
                 client_rate_limit=self.rate_limit(override, "client_rate_limit", f"{what} ({cut(env_name)})", True),
+                mode=self._mode(override, f"{what} ({cut(env_name)})"),
+                inject_headers=self.checked(secretsource.read_inject_headers(override, label, allow_false=True)),
             )
         return Route(
             name=name,
@@ -507,7 +505,18 @@ class _Builder:
             location=entry.location,
             rate_limit=self.rate_limit(entry, "rate_limit", what),
             client_rate_limit=self.rate_limit(entry, "client_rate_limit", what),
+            mode=self._mode(entry, what),
+            inject_headers=self.checked(secretsource.read_inject_headers(entry, what)),
+            signature=self.checked(read_signature(entry, what)),
         )
+
+    def _mode(self, entry: LocatedDict, what: str) -> Any:
+        """``mode`` of a route or an override: enforce, report, or None (not set: inherited)."""
+        mode = entry.get("mode")
+        if mode is not None and mode not in MODES:
+            self.error(entry.where("mode"), f"{what}: mode must be 'enforce' or 'report', not {shown(mode)}")
+            return None
+        return mode
 
     def _api_key(self, entry: LocatedDict, name: str) -> ApiKey | None:
         what = f"API key {shown(name)}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import itertools
 import reprlib
@@ -15,8 +16,10 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 ClientType = Literal["server", "user"]
 KeyType = Literal["live", "test"]
 UnmatchedPolicy = Literal["deny", "allow"]
+Mode = Literal["enforce", "report"]
 RateLimitMode = Literal["enforce", "report"]
 StoreErrorPolicy = Literal["local", "allow", "deny"]
+SecretSourceKind = Literal["env", "file"]
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -95,10 +98,16 @@ def cut(text: object) -> str:
 
 
 class ConfigError(Exception):
-    """One or more problems that make a config unusable; each names file and line."""
+    """One or more problems that make a config unusable; each names file and line.
 
-    def __init__(self, problems: list[Problem]) -> None:
+    ``secret_files``: the secret files the config names (see secretsource.py); hot reload
+    watches them, since a file that appears (or is fixed) may make the config valid.
+    """
+
+    def __init__(self, problems: list[Problem], secret_files: tuple[str, ...] = (), secret_stamp: str = "") -> None:
         self.problems = sorted(problems, key=lambda p: p.location)
+        self.secret_files = secret_files
+        self.secret_stamp = secret_stamp  # what they held when this load read them (SecretValues.file_stamp)
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
@@ -108,6 +117,7 @@ class Settings:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     client_ip_header: str = "X-Forwarded-For"
     unmatched_requests: UnmatchedPolicy = "deny"
+    mode: Mode = "enforce"  # report: the client check logs its refusals and lets them through
     # rate limits (see ratelimit.py); the store URL may hold a password: never shown (repr=False)
     rate_limit_store: str = field(default="memory", repr=False)
     rate_limit_headers: bool = True
@@ -127,6 +137,83 @@ class RateLimit:
     window_sec: float
     burst: int
     mode: RateLimitMode = "enforce"
+
+
+@dataclass(frozen=True)
+class SecretSource:
+    """Where a secret's value is read: an environment variable, or a whole file."""
+
+    kind: SecretSourceKind
+    ref: str  # the variable's name, or the file's absolute path
+    location: Location = field(default=Location("", 0), compare=False)  # where written is not what it means
+
+    def describe(self) -> str:
+        return f"environment variable {self.ref}" if self.kind == "env" else f"file {self.ref}"
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A named secret: its source, and per environment another one (values: `SecretValues`)."""
+
+    name: str
+    source: SecretSource | None = None
+    environments: Mapping[str, SecretSource] = field(default_factory=dict)
+    description: str = ""
+    location: Location = Location("", 0)
+
+    def source_for(self, environment: str) -> SecretSource | None:
+        return self.environments.get(environment, self.source)
+
+
+class SecretValues:
+    """What each secret source held when the config loaded: a value, or why there is none.
+
+    Never shown: no repr of a value, no value in equality (two loads compare by their
+    fingerprints). ``file_stamp`` digests what the files held (hot reload compares it to see a
+    rotated file); ``files`` are the file sources, for watching.
+    """
+
+    __slots__ = ("_read", "file_stamp", "files")
+
+    def __init__(
+        self, read: Mapping[tuple[str, str], tuple[str | None, str]] | None = None, file_stamp: str = ""
+    ) -> None:
+        self._read = dict(read or {})  # (kind, ref) -> (value, why there is none)
+        self.file_stamp = file_stamp
+        self.files = tuple(sorted(ref for kind, ref in self._read if kind == "file"))
+
+    def value(self, source: SecretSource) -> str | None:
+        return self._read.get((source.kind, source.ref), (None, "not read"))[0]
+
+    def why_missing(self, source: SecretSource) -> str:
+        return self._read.get((source.kind, source.ref), (None, "not read"))[1]
+
+    def fingerprint(self, source: SecretSource) -> str | None:
+        """The first 8 hex digits of the value's SHA-256: which version is loaded, not what it is."""
+        value = self.value(source)
+        return hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()[:8] if value else None
+
+    def __repr__(self) -> str:
+        return f"SecretValues({len(self._read)} sources)"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SecretValues):
+            return NotImplemented
+        return self._read.keys() == other._read.keys() and all(
+            self.fingerprint(SecretSource(kind, ref)) == other.fingerprint(SecretSource(kind, ref))
+            for kind, ref in self._read
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class SignatureSpec:
+    """A route's signed requests: HMAC-SHA256 of the caller's request (see signing.py)."""
+
+    required: bool = True
+    tolerance_sec: int = 300
+    nonce: bool = False
 
 
 @dataclass(frozen=True)
@@ -227,6 +314,7 @@ class Client:
     description: str = ""
     location: Location = Location("", 0)
     rate_limit: RateLimit | None = None  # this client, over all routes and environments
+    signing_secrets: tuple[str, ...] = ()  # names of secrets, any of which may sign its requests
 
     def __post_init__(self) -> None:
         if not isinstance(self.networks, NetworkSet):  # e.g. a tuple of ipaddress networks
@@ -250,6 +338,9 @@ class RouteOverride:
     # rate limits: None uses the route's, False removes it, a RateLimit replaces it
     rate_limit: RateLimit | Literal[False] | None = None
     client_rate_limit: RateLimit | Literal[False] | None = None
+    mode: Mode | None = None  # None: the route's
+    # headers to inject: None uses the route's, False removes them, a mapping replaces them whole
+    inject_headers: Mapping[str, str] | Literal[False] | None = None
 
 
 @dataclass(frozen=True)
@@ -266,6 +357,17 @@ class Route:
     location: Location = Location("", 0)
     rate_limit: RateLimit | None = None  # the whole route, all callers together (per environment)
     client_rate_limit: RateLimit | None = None  # each caller on this route (per environment)
+    mode: Mode | None = None  # None: settings.mode
+    inject_headers: Mapping[str, str] | None = None  # header name -> value, {{secret:NAME}} placeholders in it
+    signature: SignatureSpec | None = None
+
+
+    def mode_for(self, environment: str, default: Mode) -> Mode:
+        """enforce or report here: the environment's override, else the route's, else ``default``."""
+        override = self.environments.get(environment)
+        if override and override.mode is not None:
+            return override.mode
+        return self.mode if self.mode is not None else default
 
     def target_for(self, environment: str) -> str | None:
         override = self.environments.get(environment)
@@ -290,6 +392,16 @@ class Route:
         if override and override.client_rate_limit is not None:
             return override.client_rate_limit or None
         return self.client_rate_limit
+
+    def inject_headers_for(self, environment: str) -> Mapping[str, str] | None:
+        override = self.environments.get(environment)
+        if override and override.inject_headers is not None:
+            return override.inject_headers or None
+        return self.inject_headers
+
+    @property
+    def requires_signature(self) -> bool:
+        return self.signature is not None and self.signature.required
 
 
 @dataclass(frozen=True)
@@ -322,6 +434,8 @@ class Config:
     version: str = ""
     folder: str = ""
     files: tuple[str, ...] = ()
+    secrets: Mapping[str, Secret] = field(default_factory=dict)
+    secret_values: SecretValues = field(default_factory=SecretValues, repr=False)
 
     def assigned_clients(self, route: str, environment: str) -> tuple[str, ...]:
         for a in self.assignments:

@@ -18,6 +18,8 @@ from knoxcall_addon.ipmatch import RangeIndex
 from knoxcall_addon.loader import load_config
 from knoxcall_addon.model import ApiKey, Config, ConfigError, NetworkSet, Problem, Route
 from knoxcall_addon.ratelimit import RateLimits
+from knoxcall_addon.secretsource import compile_injections, store_secrets, store_url
+from knoxcall_addon.signing import required_signatures, signing_keys
 
 if TYPE_CHECKING:  # decision imports policy
     from knoxcall_addon.decision import Decision
@@ -178,11 +180,23 @@ class Policy:
         self.routes = config.routes
         self.route_table = RouteTable(list(config.routes.values()))
         self.enabled_keys: tuple[ApiKey, ...] = tuple(k for k in config.api_keys.values() if k.enabled)
+        # (route, environment) where the client check only reports its refusals (report-only rollout)
+        self.report_only: frozenset[tuple[str, str]] = frozenset(
+            (route.name, environment)
+            for route in config.routes.values()
+            for environment in config.environments
+            if route.mode_for(environment, config.settings.mode) == "report"
+        )
         self.any_open_route = any(r.enabled and not r.requires_clients for r in config.routes.values())
         self.any_test_key = any(k.type == "test" for k in self.enabled_keys)
         self.rate_limits = RateLimits(config)
         # decisions remembered by decision.decide: per policy, so a reload starts afresh
         self.decisions: dict[tuple[object, ...], Decision] = {}
+        self.injections = compile_injections(config)  # (route, environment) -> headers to inject
+        self.signatures = required_signatures(config)  # route -> its signature spec
+        self.signing_keys = signing_keys(config)  # (client, environment) -> HMAC keys
+        self.store_url = store_url(config)  # rate_limit_store with its secrets filled in: never shown
+        self.store_secrets = store_secrets(config)  # ... and those secrets, to scrub from error texts
         if self.route_table.problems:
             raise ConfigError(self.route_table.problems)
 

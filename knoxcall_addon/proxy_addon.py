@@ -10,24 +10,22 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from mitmproxy import command, connection, ctx, dns, exceptions, http, tcp, udp
+from mitmproxy import command, ctx, exceptions, http
 from mitmproxy import log as mitmproxy_log
-from mitmproxy.proxy import mode_specs, server_hooks
 
-from knoxcall_addon import launchguard
+from knoxcall_addon import injection, launchguard, metrics
 from knoxcall_addon.accesslog import AccessLog, utc_timestamp
 from knoxcall_addon.configdiff import diff_configs
-from knoxcall_addon.connections import close_client_socket, decided_at_connect, refused_dns
+from knoxcall_addon.connections import ConnectionHooks
 from knoxcall_addon.decision import (
     Decision,
-    decide_connection,
-    decide_raw_flow,
     internal_error,
 )
+from knoxcall_addon.drain import Drain
 from knoxcall_addon.eventlog import SKIP_LEGACY, flow_comment, log_decision
 from knoxcall_addon.explain import explain_text
 from knoxcall_addon.gate import (
@@ -41,11 +39,14 @@ from knoxcall_addon.gate import (
     peer_host,
     request_meta,
     requested_host,
+    strip_signature_headers,
 )
 from knoxcall_addon.model import ConfigError
 from knoxcall_addon.policy import Policy, load_policy
 from knoxcall_addon.ratestore import Checked, RateLimiter
 from knoxcall_addon.reloader import HotReload, release_free_memory
+from knoxcall_addon.replay import forget_key, restore
+from knoxcall_addon.signing import MISSING, before_body, check_signed, refused
 from knoxcall_addon.status import LoadedPolicy, status_lines
 
 logger = logging.getLogger("knoxcall")
@@ -53,15 +54,16 @@ logger = logging.getLogger("knoxcall")
 
 METADATA_KEY = "knoxcall"
 DENIED_MARKER = ":no_entry:"
-UNLOGGED = "_knoxcall_unlogged"  # on an HTTP flow decided but not yet access-logged
+REPORT_MARKER = ":warning:"  # let through in report mode: would be refused when enforced
 
 
-class KnoxCall:
+class KnoxCall(ConnectionHooks):
     """Client IP authorization per route and environment."""
 
     def __init__(self) -> None:
         self.current: LoadedPolicy | None = None
         self.access_log: AccessLog | None = None
+        self._pending: set[str] = set()  # ids of HTTP flows decided but not yet answered (access log, drain)
         self.reload = HotReload(self.install, lambda: self.current.policy if self.current else None)
         self._reload_enabled = True
         self._running = False
@@ -69,6 +71,11 @@ class KnoxCall:
         self.streaming_bodies = False  # stream_large_bodies is set: denied bodies may be streamed
         self._killed: set[str] = set()  # ids of client connections whose HTTP flow we killed
         self.limiter = RateLimiter()  # rate limits: the store and its buckets outlive reloads
+        self.metrics_server: metrics.MetricsServer | None = None  # knoxcall_metrics
+        self.metrics: metrics.Metrics | None = None  # its counters; None when off: then nothing is counted
+        self.drain = Drain(lambda: len(self._pending))  # graceful stop on SIGTERM (drain.py)
+        # signed routes: flows decided, their signature checked once the body is in (the `request` hook)
+        self._awaiting_body: dict[str, tuple[Decision, dict[str, Any] | None, Policy, tuple[Any, ...]]] = {}
 
     # -- options -----------------------------------------------------------------------
 
@@ -94,7 +101,16 @@ class KnoxCall:
             True,
             "Watch the config folder and put valid edits in force without a restart.",
         )
+        loader.add_option(
+            "knoxcall_metrics",
+            str,
+            "",
+            "Serve Prometheus metrics (/metrics) and readiness (/healthz) on [HOST:]PORT "
+            "(HOST defaults to 127.0.0.1); empty for none.",
+        )
+        self.drain.load(loader)
         launchguard.check_options(loader)  # before mitmproxy applies --set values: a bad one drops the script
+        injection.install()  # injected secrets reach the upstream, never the flow (see injection.py)
 
     def configure(self, updated: set[str]) -> None:
         repoint = False
@@ -135,6 +151,11 @@ class KnoxCall:
             )
         if "stream_large_bodies" in updated:
             self.streaming_bodies = bool(ctx.options.stream_large_bodies)
+        if "knoxcall_metrics" in updated:
+            self._set_metrics(ctx.options.knoxcall_metrics)
+        self.drain.configure(updated)
+        if "proxy_debug" in updated:
+            injection.set_debug(bool(getattr(ctx.options, "proxy_debug", False)))
         if "knoxcall_access_log" in updated:
             if self.access_log:
                 self.access_log.close()
@@ -152,8 +173,10 @@ class KnoxCall:
         stays one line: the event log is the audit trail of policy changes.
         """
         self.current = LoadedPolicy(policy, time.time())
-        self.limiter.install(policy.rate_limits, policy.settings)
+        self.limiter.install(policy.rate_limits, policy.settings, policy.store_url, policy.store_secrets)
         launchguard.activate(self)  # a policy in force: our hooks decide; until then the guard refuses all
+        if self.metrics is not None:
+            self.metrics.policy_installed(policy)
         config = policy.config
         logger.info(
             f"knoxcall: config {policy.version} loaded from {config.folder}: "
@@ -169,6 +192,7 @@ class KnoxCall:
             logger.error(problem)  # at startup: mitmdump exits 1
         self._running = True
         self._start_watcher()
+        self.drain.running()
 
     def _start_watcher(self) -> None:
         try:
@@ -218,6 +242,9 @@ class KnoxCall:
             self.access_log.close()
             self.access_log = None
         self.limiter.stop()
+        self._set_metrics("")
+        self.drain.done()
+        self._awaiting_body.clear()
 
     @command.command("knoxcall.explain")
     def explain(self, ip: str, route: str, env: str = "") -> str:
@@ -248,27 +275,32 @@ class KnoxCall:
     def _decide_request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         # A replayed flow (mitmweb's "replay") passes here again and is decided again.
         request_id = new_request_id()
+        started = time.perf_counter() if self.metrics is not None else 0.0
         request = flow.request
         # what the caller sent, before forward() re-targets the request
         method = request.method
         path = request.path
         rate_limit = None
         try:
+            if flow.is_replay == "request":  # decided as the original was (replay.py)
+                restore(flow, peer_host(flow))
+                method, path = request.method, request.path
             policy = self._policy()
             decision, caller_host, user_agent = decide_request(flow, policy, method, path)
             # rate limits last: a request refused by any other check takes no token
             checked = self.limiter.check(policy.rate_limits, decision)
             if not isinstance(checked, tuple):
-                seen = (request_id, method, caller_host, path, user_agent)
+                seen = (request_id, method, caller_host, path, user_agent, started)
                 return self._decide_later(flow, checked, policy, seen)
             decision, rate_limit = checked
-            if decision.allowed:
-                forward(flow, decision, policy)
+            if decision.allowed and (decision := self._admit(flow, decision, rate_limit, policy, (
+                    request_id, method, caller_host, path, user_agent))) is None:  # fmt: skip
+                return None  # a signed route: decided when the body is in
         except Exception as e:
             decision = self._internal_error(flow, request_id, e)
             caller_host = requested_host(request)
             user_agent = request.headers.get("user-agent")
-        self._settle(flow, decision, rate_limit, request_id, method, caller_host, path, user_agent)
+        self._settle(flow, decision, rate_limit, request_id, method, caller_host, path, user_agent, started)
         return None
 
     async def _decide_later(
@@ -278,13 +310,80 @@ class KnoxCall:
         try:
             try:
                 decision, rate_limit = await checked
-                if decision.allowed:
-                    forward(flow, decision, policy)
+                if decision.allowed and (decision := self._admit(flow, decision, rate_limit, policy, seen)) is None:
+                    return  # a signed route: decided when the body is in
             except Exception as e:
                 decision, rate_limit = self._internal_error(flow, seen[0], e), None
             self._settle(flow, decision, rate_limit, *seen)
         except Exception:
             logger.exception("knoxcall: unexpected error while deciding a request; refusing it")
+            self._refuse_request(flow, internal_error_response(flow))
+
+    def _admit(
+        self, flow: http.HTTPFlow, decision: Decision, rate_limit: Any, policy: Policy, seen: tuple[Any, ...]
+    ) -> Decision | None:
+        """An allowed request goes upstream now; on a route that requires signatures, once its
+        body is in and its signature checked (None: see `request`). Nothing is forwarded before."""
+        if decision.route not in policy.signatures:
+            self._forward(flow, decision, policy)
+            return decision
+        streamed = flow.request.stream or (self.streaming_bodies and body_size_unknown(flow.request))
+        refusal = before_body(decision, bool(streamed))
+        if refusal is None:
+            self._awaiting_body[flow.id] = (decision, rate_limit, policy, seen)
+            flow.metadata[METADATA_KEY] = {"request_id": seen[0], "signature": "pending"}  # (see `request`)
+        return refusal
+
+    def _forward(self, flow: http.HTTPFlow, decision: Decision, policy: Policy) -> None:
+        """Prepare an allowed request for its upstream: re-target it, then inject the route's headers."""
+        forward(flow, decision, policy)
+        if policy.injections and (found := policy.injections.get((decision.route, decision.environment))):  # type: ignore[arg-type]
+            injection.inject(flow, found)
+
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """The body is in: check the signature of a request on a signed route (fail closed)."""
+        pending = self._awaiting_body.pop(flow.id, None) if self._awaiting_body else None
+        if pending is None:
+            if flow.metadata.get(METADATA_KEY, {}).get("signature") == "pending":
+                # decided by a KnoxCall instance that is gone (the script was reloaded meanwhile): not checked
+                self._refuse_request(flow, internal_error_response(flow))
+                logger.error("knoxcall: a signed request's check was lost in a script reload; refused it")
+            return None
+        decision, rate_limit, policy, seen = pending
+        try:
+            keys = policy.signing_keys.get((decision.client, decision.environment), ())  # type: ignore[arg-type]
+            sent = (flow.request.headers.fields, seen[1], seen[3], flow.request.raw_content)
+            spec = policy.signatures[decision.route]  # type: ignore[index]
+            checked = check_signed(decision, spec, keys, sent, self.limiter.remember_nonce, time.time())
+            return self._signed(flow, checked, rate_limit, policy, seen)
+        except Exception as e:
+            self._settle(flow, self._internal_error(flow, seen[0], e), None, *seen)
+            return None
+
+    def _signed(
+        self, flow: http.HTTPFlow, checked: Decision | Awaitable[Decision], rate_limit: Any, policy: Policy,
+        seen: tuple[Any, ...],
+    ) -> Awaitable[None] | None:  # fmt: skip
+        """Forward a request whose signature was good (then without its signature headers); settle."""
+        if not isinstance(checked, Decision):
+            return self._signed_later(flow, checked, rate_limit, policy, seen)
+        if checked.allowed:
+            strip_signature_headers(flow)
+            self._forward(flow, checked, policy)
+        self._settle(flow, checked, rate_limit, *seen)
+        return None
+
+    async def _signed_later(
+        self, flow: http.HTTPFlow, checked: Awaitable[Decision], rate_limit: Any, policy: Policy, seen: tuple[Any, ...]
+    ) -> None:
+        """`_signed` once the nonce store has answered; fails closed like `_decide_later`."""
+        try:
+            try:
+                self._signed(flow, await checked, rate_limit, policy, seen)
+            except Exception as e:
+                self._settle(flow, self._internal_error(flow, seen[0], e), None, *seen)
+        except Exception:
+            logger.exception("knoxcall: unexpected error while checking a signature; refusing it")
             self._refuse_request(flow, internal_error_response(flow))
 
     def _internal_error(self, flow: http.HTTPFlow, request_id: str, error: Exception) -> Decision:
@@ -302,14 +401,19 @@ class KnoxCall:
         caller_host: str,
         path: str,
         user_agent: str | None,
+        started: float = 0.0,
+        answer: bool = True,
     ) -> None:
-        """Log and annotate a decided request; answer it if refused."""
+        """Log and annotate a decided request; answer it if refused (and ``answer``)."""
         request = flow.request
+        if self.metrics is not None:
+            self.metrics.request_decided(decision, time.perf_counter() - started)
         meta = request_meta(decision, request_id, method, caller_host, path, user_agent, rate_limit)
         line = self._log_decision(decision, request_id)
         self._annotate(flow, decision, meta, line)
-        flow.__dict__[UNLOGGED] = True  # decided, not yet access-logged (on the flow: see hooktable)
-        if not decision.allowed:
+        self._pending.add(flow.id)  # decided, not yet answered: access log, drain
+        if not decision.allowed and answer:
+            forget_key(request)
             self._refuse_request(flow, denial_response(decision, request_id, request.method))
 
     def _refuse_request(self, flow: http.HTTPFlow, response: http.Response) -> None:
@@ -328,25 +432,9 @@ class KnoxCall:
         else:
             flow.response = response
 
-    def http_connect(self, flow: http.HTTPFlow) -> None:
-        """CONNECT in forward mode: refuse tunnels from peers that nothing could allow."""
-        if flow.response or flow.error:
-            return
-        with refusing_on_error("a CONNECT", lambda: self._refuse_request(flow, internal_error_response(flow))):
-            self._decide_connect(flow)
-
-    def _decide_connect(self, flow: http.HTTPFlow) -> None:
-        decision, meta = self._decide_connection(
-            peer_host(flow), flow.request.pretty_host, "CONNECT", tunnel=True
-        )
-        meta["status"] = 200 if decision.allowed else decision.status
-        self._annotate(flow, decision, meta)
-        self._write_access_log(meta)
-        if not decision.allowed:
-            flow.response = denial_response(decision, meta["request_id"])
-
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """Every response we make or forward carries the request id (also when streamed)."""
+        injection.disarm(flow)  # sent: its secrets are no longer needed
         meta = flow.metadata.get(METADATA_KEY)
         if meta and flow.response is not None:
             rate_limit = meta.get("rate_limit")
@@ -358,89 +446,40 @@ class KnoxCall:
         self._complete(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        injection.disarm(flow)
+        pending = self._awaiting_body.pop(flow.id, None) if self._awaiting_body else None
+        if pending is not None:  # the request ended before its body (and signature) could be checked
+            decision = refused(pending[0], MISSING, "the request ended before its body arrived: not checked")
+            self._settle(flow, decision, pending[1], *pending[3], answer=False)
         self._complete(flow)
 
-    # -- raw connections: TCP, UDP, DNS ------------------------------------------------
+    # -- metrics -----------------------------------------------------------------------
 
-    def client_connected(self, client: connection.Client) -> None:
-        """In modes that carry only raw traffic (reverse:tcp, :udp, :dns...), decide at once.
+    def _set_metrics(self, value: str) -> None:
+        """Start, move or stop the metrics endpoint (see metrics.py); a bad value is an OptionsError."""
+        try:
+            policy = self.current.policy if self.current else None
+            self.metrics_server = metrics.reconfigure(self.metrics_server, value, self.metrics_state, policy)
+        except (ValueError, OSError) as e:
+            raise exceptions.OptionsError(f"knoxcall: knoxcall_metrics={value}: {e}") from None
+        self.metrics = self.metrics_server.metrics if self.metrics_server else None
 
-        Setting ``client.error`` here is how mitmproxy's own block addon closes a
-        connection before any layer runs.
-        """
-        if not decided_at_connect(client):
-            return
-        with refusing_on_error("a connection", lambda: setattr(client, "error", "knoxcall: internal error")):
-            self._decide_client(client)
-
-    def _decide_client(self, client: connection.Client) -> None:
-        mode = client.proxy_mode
-        assert isinstance(mode, mode_specs.ReverseMode)
-        decision, meta = self._decide_connection(str(client.peername[0]), mode.address[0], None, tunnel=False)
-        self._write_access_log(meta)
-        if not decision.allowed:
-            client.error = f"knoxcall: connection refused ({decision.reason})"
-
-    def tcp_start(self, flow: tcp.TCPFlow) -> None:
-        with refusing_on_error("a TCP flow", lambda: self._refuse_raw(flow)):
-            self._start_raw_flow(flow)
-
-    def udp_start(self, flow: udp.UDPFlow) -> None:
-        with refusing_on_error("a UDP flow", lambda: self._refuse_raw(flow)):
-            self._start_raw_flow(flow)
-
-    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
-        """A refused raw flow never reaches its server (mitmproxy ignores kill() at tcp_start)."""
-        if data.client.id in self._refused:
-            data.server.error = "knoxcall: connection refused"
-
-    def tcp_message(self, flow: tcp.TCPFlow) -> None:
-        """Belt and braces: nothing of a refused flow is relayed, even if a server was connected."""
-        if flow.client_conn.id in self._refused and flow.messages:
-            flow.messages[-1].content = b""
-
-    def udp_message(self, flow: udp.UDPFlow) -> None:
-        if flow.client_conn.id in self._refused and flow.messages:
-            flow.messages[-1].content = b""
-
-    def client_disconnected(self, client: connection.Client) -> None:
-        self._refused.discard(client.id)
-        if client.id in self._killed:
-            self._killed.discard(client.id)
-            close_client_socket(client)
-
-    def dns_request(self, flow: dns.DNSFlow) -> None:
-        if flow.response or flow.error or decided_at_connect(flow.client_conn):
-            return
-        with refusing_on_error("a DNS request", lambda: setattr(flow, "response", refused_dns(flow))):
-            self._decide_dns(flow)
-
-    def _decide_dns(self, flow: dns.DNSFlow) -> None:
-        decision, meta = self._decide_connection(peer_host(flow), None, "DNS", tunnel=False)
-        self._annotate(flow, decision, meta)
-        self._write_access_log(meta)
-        if not decision.allowed:
-            flow.response = refused_dns(flow)
-
-    def _start_raw_flow(self, flow: tcp.TCPFlow | udp.UDPFlow) -> None:
-        """Refuse a TCP/UDP flow (see decide_raw_flow): it is cut off from its server.
-
-        Only the raw reverse modes carry raw traffic, decided when the client connects.
-        """
-        if flow.client_conn.id in self._refused or decided_at_connect(flow.client_conn):
-            return
-        host = str(flow.server_conn.address[0]) if flow.server_conn.address else None
-        decision, meta = self._decide_connection(peer_host(flow), host, None, tunnel=False, raw=True)
-        self._annotate(flow, decision, meta)
-        self._write_access_log(meta)
-        if not decision.allowed:
-            self._refuse_raw(flow)
-
-    def _refuse_raw(self, flow: tcp.TCPFlow | udp.UDPFlow) -> None:
-        """Cut a raw flow off its server: no connection, nothing relayed (see server_connect)."""
-        self._refused.add(flow.client_conn.id)
-        if flow.killable:
-            flow.kill()
+    def metrics_state(self) -> metrics.State:
+        """What /metrics and /healthz read at scrape time (in the metrics server's thread)."""
+        current = self.current
+        master = getattr(ctx, "master", None)
+        monitor = master.addons.get("connectivitymonitor") if master is not None else None
+        last = getattr(monitor, "last", None) if getattr(monitor, "interval", 0) > 0 else None
+        return metrics.State(
+            version=current.policy.version if current else None,
+            ready=current is not None and not launchguard.status_lines(self) and not self.drain.draining,
+            draining=self.drain.draining,
+            loaded_at=current.loaded_at if current else None,
+            reloads_ok=self.reload.reloads,
+            reloads_invalid=self.reload.invalid_reloads,
+            access_log_lost=self.access_log.lost_total if self.access_log else 0,
+            connectivity=None if last is None else tuple((client, r.status) for (client, _), r in list(last.items())),
+        )
 
     # -- internals ---------------------------------------------------------------------
 
@@ -453,29 +492,6 @@ class KnoxCall:
             raise RuntimeError("no policy loaded")
         return self.current.policy
 
-    def _decide_connection(
-        self, peer: str, host: str | None, method: str | None, *, tunnel: bool, raw: bool = False
-    ) -> tuple[Decision, dict[str, Any]]:
-        """Decide a connection that carries no request we can read; log the decision."""
-        request_id = new_request_id()
-        try:
-            policy = self._policy()
-            decision = decide_raw_flow(policy, peer) if raw else decide_connection(policy, peer, tunnel=tunnel)
-        except Exception as e:
-            logger.exception(f"knoxcall: error while deciding connection {request_id}; denying it")
-            decision = internal_error(peer, peer, f"{type(e).__name__}: {e}", self._version())
-        meta: dict[str, Any] = {
-            "request_id": request_id,
-            "method": method,
-            "host": host,
-            "path": None,
-            **decision.fields(),
-            "status": None,  # a raw connection has no status; "decision" says it all
-            "ts": utc_timestamp(time.time()),
-        }
-        self._log_decision(decision, request_id)
-        return decision, meta
-
     def _log_decision(self, decision: Decision, request_id: str) -> str:
         return log_decision(decision, request_id)
 
@@ -487,11 +503,14 @@ class KnoxCall:
         flow.comment = flow_comment(decision, line)
         if not decision.allowed:
             flow.marked = DENIED_MARKER
+        elif decision.report_only:
+            flow.marked = REPORT_MARKER
 
     def _complete(self, flow: http.HTTPFlow) -> None:
         """Write the access log line once, when the request is answered or fails."""
-        if not flow.__dict__.pop(UNLOGGED, False):
+        if flow.id not in self._pending:
             return
+        self._pending.discard(flow.id)
         if self.access_log is None:
             return  # nothing to write: skip building the record
         meta = dict(flow.metadata[METADATA_KEY])
@@ -525,18 +544,3 @@ def refuse_to_start(error: ConfigError) -> NoReturn:
         with contextlib.suppress(Exception):
             handler.flush()
     raise SystemExit(1)
-
-
-@contextlib.contextmanager
-def refusing_on_error(what: str, refuse: Callable[[], None]) -> Iterator[None]:
-    """Fail closed: any error while deciding (or logging, or annotating) refuses the flow.
-
-    mitmproxy logs an exception from a hook and then carries on as if the hook had
-    allowed the flow; this turns every such error into a refusal.
-    """
-    try:
-        yield
-    except Exception:
-        logger.exception(f"knoxcall: unexpected error while deciding {what}; refusing it")
-        refuse()
-

@@ -106,7 +106,8 @@ def read_rate_limit_settings(
         value = values[key]
         number = isinstance(value, int | float) and not isinstance(value, bool)
         if key == "rate_limit_store":
-            problem = store_url_problem(value)
+            # with {{secret:NAME}} in it, the loader checks the URL once the secrets are read
+            problem = None if isinstance(value, str) and "{{secret:" in value else store_url_problem(value)
         elif key == "rate_limit_headers":
             problem = None if isinstance(value, bool) else "must be true or false"
         elif key == "rate_limit_on_store_error":

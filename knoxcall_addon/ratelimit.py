@@ -292,7 +292,7 @@ def limited_decision(decision: Decision, result: Outcome) -> Decision:
     detail = f"{limit.kind} limit of {limit.scope} ({describe(limit.spec)}) exceeded"
     detail += f", retry after {result.retry_after} s"
     if not result.refused:
-        return dataclasses.replace(decision, reason=RATE_LIMITED, detail=f"report-only: {detail}")
+        return dataclasses.replace(decision, reason=RATE_LIMITED, detail=f"report-only: {detail}", report_only=True)
     body = {"error": "Rate limit exceeded", "status": 429, "limit": limit.kind, "retry_after": result.retry_after}
     return dataclasses.replace(
         decision, allowed=False, reason=RATE_LIMITED, status=429, target_url=None, body=body, detail=detail

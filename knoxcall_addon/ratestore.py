@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from knoxcall_addon.decision import Decision
+from knoxcall_addon.metrics import count_rate_limit_store_error
 from knoxcall_addon.model import Settings
 from knoxcall_addon.rateconfig import redacted_url
 from knoxcall_addon.ratelimit import (
@@ -36,10 +37,12 @@ from knoxcall_addon.ratelimit import (
     outcome,
     unavailable_decision,
 )
+from knoxcall_addon.signing import NonceAnswer, NonceMemory
 
 logger = logging.getLogger("knoxcall")
 
 REDIS_KEY_PREFIX = "knoxcall:rl:"
+NONCE_KEY_PREFIX = "knoxcall:nonce:"
 PROBE_SECONDS = 0.5  # how often an unreachable Redis is asked whether it is back
 MAX_CONNECTIONS = 8  # to one Redis, per proxy process: requests are sent in batches (see RedisStore)
 PROBE_TIMEOUT_SECONDS = 1.0  # a probe may wait longer than a request (a first connection, a busy start)
@@ -210,14 +213,15 @@ class RedisStore:
     however many requests are in flight. Each request waits at most ``timeout`` seconds.
     """
 
-    def __init__(self, url: str, timeout: float) -> None:
+    def __init__(self, url: str, timeout: float, shown: str | None = None, hide: Sequence[str] = ()) -> None:
         import redis.asyncio  # only when Redis is configured
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
-        self.shown = redacted_url(url)
+        self.shown = shown or redacted_url(url)
         self.timeout = timeout
         self._password = _password_of(url)
+        self._hide = tuple(sorted({v for v in (*hide, self._password) if v}, key=len, reverse=True))
         # Requests go through _pipeline (which replaces a dead connection itself); the client's
         # own commands (PING, SCRIPT LOAD) retry once at once, on a new connection.
         pool = redis.asyncio.BlockingConnectionPool.from_url(
@@ -247,6 +251,20 @@ class RedisStore:
         tats = tuple(numbers[1 + 3 * i] * limit.requests + numbers[2 + 3 * i] for i, (limit, _) in enumerate(checks))
         refused = any(not ok and limit.enforce for ok, (limit, _) in zip(room, checks, strict=True))
         return Consumed(refused, room, tats), numbers[0]
+
+    async def remember(self, key: str, ttl_ms: int) -> bool:
+        """``SET key 1 NX PX ttl``, in the next batch: True when the key was new (a first nonce)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._queue:
+            loop.call_soon(self._send_batch)
+        call = b"*6\r\n$3\r\nSET\r\n" + b"".join(
+            _bulk(part) for part in ((NONCE_KEY_PREFIX + key).encode(), b"1", b"NX", b"PX", b"%d" % max(1, ttl_ms))
+        )
+        self._queue.append((call, future))
+        async with asyncio.timeout(self.timeout):
+            reply = await future
+        return reply is not None
 
     def _send_batch(self) -> None:
         batch, self._queue = self._queue, []
@@ -324,7 +342,9 @@ class RedisStore:
         if isinstance(error, TimeoutError):
             return f"no answer within {self.timeout * 1000:g} ms"
         text = f"{type(error).__name__}: {error}"
-        return text.replace(self._password, "***") if self._password else text
+        for value in self._hide:
+            text = text.replace(value, "***")
+        return text
 
     async def close(self) -> None:
         for task in list(self._batches):
@@ -350,8 +370,10 @@ class RateLimiter:
 
     def __init__(self, clock: Callable[[], int] = monotonic_us) -> None:
         self.local = MemoryStore(clock=clock)
+        self.nonces = NonceMemory()  # signed requests' nonces, when they are not shared through Redis
         self.redis: RedisStore | None = None
         self.settings = Settings()
+        self.store_url = "memory"  # settings.rate_limit_store with its secrets filled in: never shown
         self.limits: RateLimits | None = None
         self.unreachable_since: float | None = None
         self.reachable: bool | None = None  # None: not asked yet
@@ -361,14 +383,21 @@ class RateLimiter:
 
     # -- configuration (event loop) -------------------------------------------------------
 
-    def install(self, limits: RateLimits, settings: Settings) -> None:
-        """Use the limits and settings of a policy just put in force; buckets of unchanged limits stay."""
+    def install(
+        self, limits: RateLimits, settings: Settings, store_url: str | None = None, hide: Sequence[str] = ()
+    ) -> None:
+        """Use the limits and settings of a policy just put in force; buckets of unchanged limits stay.
+
+        ``store_url`` is the store with its secrets filled in (settings show the placeholders);
+        ``hide``: those secrets, never repeated in an error text."""
         self.limits = limits
         self.local.max_buckets = settings.rate_limit_max_buckets
         self.local.use_limits(limits)
-        store = (settings.rate_limit_store, settings.rate_limit_store_timeout_ms)
-        before = (self.settings.rate_limit_store, self.settings.rate_limit_store_timeout_ms)
+        store_url = store_url or settings.rate_limit_store
+        store = (store_url, settings.rate_limit_store_timeout_ms)
+        before = (self.store_url, self.settings.rate_limit_store_timeout_ms)
         self.settings = settings
+        self.store_url = store_url
         if self.redis is not None and store == before:
             return
         self._drop_redis()
@@ -377,7 +406,8 @@ class RateLimiter:
         self.last_error = ""
         if settings.rate_limit_store != "memory":
             try:
-                self.redis = RedisStore(settings.rate_limit_store, settings.rate_limit_store_timeout_ms / 1000)
+                shown = redacted_url(settings.rate_limit_store)
+                self.redis = RedisStore(store_url, settings.rate_limit_store_timeout_ms / 1000, shown, hide)
             except Exception as e:  # the URL passed the loader but not redis-py: a store that is never there
                 self.unreachable_since = time.time()
                 self.last_error = f"cannot use it: {type(e).__name__}"
@@ -456,6 +486,7 @@ class RateLimiter:
         return limited_decision(decision, result), result.info(now / 1_000_000)  # Redis's clock, as its buckets
 
     def _store_error(self, decision: Decision, checks: list[Check]) -> Checked:
+        count_rate_limit_store_error()  # /metrics (nothing when knoxcall_metrics is off)
         policy = self.settings.rate_limit_on_store_error
         if policy == "local":
             return self._local(decision, checks)
@@ -463,6 +494,31 @@ class RateLimiter:
             return decision, None
         shown = redacted_url(self.settings.rate_limit_store)
         return unavailable_decision(decision, f"rate limit store {shown} unavailable"), None
+
+    # -- nonces of signed requests ----------------------------------------------------------
+
+    def remember_nonce(self, key: str, expires_at: float) -> NonceAnswer | Awaitable[NonceAnswer]:
+        """True for a (client, nonce) not seen before (now remembered), False for a replay, None
+        when it cannot be told (memory full; Redis unreachable and ``rate_limit_on_store_error:
+        deny``). With Redis, shared by every proxy using it; else, or when Redis cannot be asked
+        (``local`` and ``allow`` alike: a replay check is never skipped), in this process."""
+        if self.settings.rate_limit_store == "memory":
+            return self.nonces.remember(key, expires_at)
+        if self.redis is None or self.unreachable_since is not None:
+            return self._nonce_fallback(key, expires_at)
+        return self._shared_nonce(self.redis, key, expires_at)
+
+    async def _shared_nonce(self, store: RedisStore, key: str, expires_at: float) -> NonceAnswer:
+        try:
+            return await store.remember(key, math.ceil((expires_at - time.time()) * 1000))
+        except Exception as e:
+            self._unreachable(store, e)
+            return self._nonce_fallback(key, expires_at)
+
+    def _nonce_fallback(self, key: str, expires_at: float) -> NonceAnswer:
+        if self.settings.rate_limit_on_store_error == "deny":
+            return None
+        return self.nonces.remember(key, expires_at)
 
     # -- health ---------------------------------------------------------------------------
 
@@ -540,8 +596,15 @@ class RateLimiter:
             f"{len(self.local.buckets)} buckets in this process (at most {self.local.max_buckets}; "
             f"{self.local.dropped_early} dropped before they were full)"
         )
+        nonces = self.nonces
+        if nonces.seen or nonces.refused_full:
+            memory = "shared through Redis; here only while it cannot be asked" if self.redis else "this process"
+            signed = (f"signed requests: {len(nonces.seen)} nonces remembered in memory ({memory}; at most "
+                      f"{nonces.max_entries}, {nonces.refused_full} refused while full)")  # fmt: skip
+        else:
+            signed = ""
         if self.settings.rate_limit_store == "memory":
-            return [f"rate limits: {counts}; store: memory (this process), {local}"]
+            return [f"rate limits: {counts}; store: memory (this process), {local}", *filter(None, [signed])]
         if self.unreachable_since is None:
             health = "reachable" if self.reachable else "not asked yet"
         else:
@@ -553,4 +616,5 @@ class RateLimiter:
         return [
             f"rate limits: {counts}; store: {redacted_url(self.settings.rate_limit_store)} (shared), {health}",
             f"rate limits, local buckets: {local}",
+            *filter(None, [signed]),
         ]

@@ -35,6 +35,7 @@ from knoxcall_addon.folderwatch import DEBOUNCE_SECONDS, FolderWatcher
 from knoxcall_addon.lint import error_findings
 from knoxcall_addon.model import ConfigError, Location, Problem
 from knoxcall_addon.policy import Policy, load_policy
+from knoxcall_addon.secretsource import files_stamp
 from knoxcall_addon.yamlsource import elide, folder_version
 
 logger = logging.getLogger("knoxcall")
@@ -137,10 +138,12 @@ class HotReload:
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.reloads = 0  # successful reloads since start
+        self.invalid_reloads = 0  # reloads refused since start (an invalid config; the one in force stays)
         # (version, lines): the dangerous findings of the policy in force (by version, so
         # that no reference keeps a replaced policy alive)
         self.findings: tuple[str, tuple[str, ...]] = ("", ())
         self._command_threads: list[threading.Thread] = []
+        self._failed_files: tuple[str, ...] = ()  # the secret files the failed config names
 
     # -- lifecycle (event loop) --------------------------------------------------------
 
@@ -154,6 +157,7 @@ class HotReload:
             self.folder = Path(folder)
             self._latest = policy
             self._clear_error()
+            self._failed_files = ()
         self._note_findings(policy.version, dangerous_findings(policy))
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -163,7 +167,9 @@ class HotReload:
             return
         self.loop = loop
         generation = self.generation
-        self.watcher = FolderWatcher(self.folder, lambda: self._on_quiet(generation), self._debounce)
+        self.watcher = FolderWatcher(
+            self.folder, lambda: self._on_quiet(generation), self._debounce, extra_files=self.secret_files
+        )
         self.watcher.start()
         self.watcher.poke()
         if self.watcher.watched:
@@ -179,6 +185,12 @@ class HotReload:
         for thread in self._command_threads:  # a knoxcall.reload still loading
             thread.join(30)
         self._command_threads = []
+
+    def secret_files(self) -> tuple[str, ...]:
+        """The secret files to watch: those of the latest good config and of a failed one."""
+        latest = self._latest
+        files = latest.config.secret_values.files if latest is not None else ()
+        return tuple(dict.fromkeys((*files, *self._failed_files)))
 
     @property
     def watching(self) -> bool:
@@ -249,21 +261,25 @@ class HotReload:
                 return LoadResult(
                     "invalid", ticket, generation, version, latest, error=e, message=self.last_error or ""
                 )
-            if latest is not None and version == latest.version:
+            if latest is not None and version == latest.version and _secrets_unchanged(latest):
                 cleared = self._clear_error()
                 return LoadResult("unchanged", ticket, generation, version, latest, cleared_error=cleared)
-            if version == self.failed_version:
+            # a secret file may fix (or break) the config as much as its YAML files
+            failed = self._failed_files
+            if _with_secrets(version, failed, files_stamp(failed) if failed else "") == self.failed_version:
                 return LoadResult("same_error", ticket, generation, version, latest)
             try:
                 policy = load_policy(folder)
             except Exception as e:  # ConfigError, or anything unexpected: never a half policy
                 e = _as_config_error(folder, e)
-                self._set_error(version, e)
+                self._failed_files = e.secret_files
+                self._set_error(_with_secrets(version, e.secret_files, e.secret_stamp), e)
                 return LoadResult(
                     "invalid", ticket, generation, version, latest, error=e, message=self.last_error or ""
                 )
             self._latest = policy
             cleared = self._clear_error()
+            self._failed_files = ()
             seconds = time.perf_counter() - start
             # Diffing 100k clients takes a good fraction of a second: here, not on the loop.
             diff = diff_configs(latest.config if latest else None, policy.config)
@@ -336,6 +352,7 @@ class HotReload:
                 installed = f"config {new.version} loaded (was {serving}): {summary}"
                 serving = new.version
         if result.status == "invalid":
+            self.invalid_reloads += 1
             problems = result.message or (format_problems(result.error) if result.error else "?")
             logger.error(f"knoxcall: config in {self.folder} is invalid, still serving {serving}: {problems}")
             return f"config invalid, still serving {serving}: {problems}"
@@ -414,6 +431,17 @@ class HotReload:
         self.last_error = None
         self.last_error_at = None
         return had
+
+
+def _secrets_unchanged(policy: Policy) -> bool:
+    """Do the policy's secret files hold what they held when it loaded?"""
+    values = policy.config.secret_values
+    return not values.files or files_stamp(values.files) == values.file_stamp
+
+
+def _with_secrets(version: str, files: tuple[str, ...], stamp: str) -> str:
+    """A config's content: its files' version, and what its secret files hold (never shown)."""
+    return f"{version}+{stamp}" if files else version
 
 
 def _utc(timestamp: float) -> str:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from knoxcall_addon.accesslog import utc_timestamp
 from knoxcall_addon.policy import Policy
 from knoxcall_addon.reloader import HotReload
+from knoxcall_addon.secretsource import secret_lines
 
 
 @dataclass(frozen=True)
@@ -49,5 +50,6 @@ def status_lines(current: LoadedPolicy | None, reload: HotReload, enabled: bool 
     else:
         lines.append("last reload error: none")
     lines.extend(reload.status_notes(policy.version))  # files being written, dangerous findings
+    lines.extend(secret_lines(config))  # sources and fingerprints, never a value
     return lines
 

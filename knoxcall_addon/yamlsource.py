@@ -395,6 +395,35 @@ def syntax_hint(error: yaml.MarkedYAMLError, text: str) -> str:
     return ""
 
 
+def check_folder(folder: str | Path) -> Path:
+    """``folder`` as a Path if it names a folder; else ConfigError saying what it is.
+
+    The one place that judges the config folder itself, so that ``knoxcall`` and the
+    addon's ``knoxcall_config`` say the same words. Messages name the absolute path: a
+    relative one is relative to a working directory the reader may not know. An empty
+    name is refused rather than read as ``.`` (which ``Path("")`` is).
+    """
+    if not str(folder).strip():
+        raise ConfigError([Problem(Location('""', 0), "the config folder name is empty: name a folder, e.g. config")])
+    path = Path(folder)
+    where = Location(os.path.abspath(path), 0)
+    if path.is_dir():
+        return path
+    if path.exists():
+        hint = f"; name the folder that holds it, {os.path.dirname(where.file)}" if path.suffix in YAML_SUFFIXES else ""
+        raise ConfigError([Problem(where, f"the config folder is a file, not a folder{hint}")])
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # e.g. `current -> current` for a moment during a release swap
+            raise ConfigError([Problem(where, "the config folder is a symlink loop")]) from None
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+            raise ConfigError([Problem(where, f"the config folder cannot be read: {e.strerror}")]) from None
+    if path.is_symlink():
+        raise ConfigError([Problem(where, "the config folder is a broken symlink (its target does not exist)")])
+    raise ConfigError([Problem(where, "config folder does not exist")])
+
+
 def config_files(folder: Path) -> list[Path]:
     """Every entry read as config: named ``*.yaml``/``*.yml`` directly in the folder, sorted.
 
@@ -403,15 +432,7 @@ def config_files(folder: Path) -> list[Path]:
     are not filtered by type: one that is not a readable regular file is reported by
     `read_config_file`, never left out (its routes would silently vanish).
     """
-    try:
-        st = os.stat(folder)
-    except OSError as e:
-        what = "is a symlink loop" if e.errno == errno.ELOOP else "does not exist"
-        if e.errno not in (errno.ELOOP, errno.ENOENT, errno.ENOTDIR):
-            what = f"cannot be read: {e.strerror}"
-        raise ConfigError([Problem(Location(str(folder), 0), f"config folder {what}")]) from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise ConfigError([Problem(Location(str(folder), 0), "config folder is not a folder")])
+    check_folder(folder)
     try:
         names = os.listdir(folder)
     except OSError as e:

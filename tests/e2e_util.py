@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import re
+import secrets
 import socket
 import ssl
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.harness import MitmDump
+from tests.harness import MitmDump, free_port
 
 REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -148,3 +152,105 @@ def h2_concurrent(
                     streams[event.stream_id]["done"] = True
             sock.sendall(conn.data_to_send())
         return [(int(s["headers"][":status"]), s["headers"], s["body"]) for s in streams.values()]
+
+
+class Recorder:
+    """An upstream that records each request and answers ``{"ok": true}`` (it never echoes).
+
+    A path containing ``hold`` is answered only when ``release`` is set (at most 20 s), so that
+    a test can look at the flow while the upstream has it.
+    """
+
+    def __init__(self) -> None:
+        recorder = self
+        self.seen: list[dict[str, Any]] = []
+        self.arrived = threading.Event()
+        self.release = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                recorder.seen.append({"path": self.path, "headers": list(self.headers.items()), "body": body})
+                if "hold" in self.path:
+                    recorder.arrived.set()
+                    recorder.release.wait(20)
+                payload = b'{"ok": true}'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def headers(self, index: int = -1) -> dict[str, list[str]]:
+        result: dict[str, list[str]] = {}
+        for name, value in self.seen[index]["headers"]:
+            result.setdefault(name.lower(), []).append(value)
+        return result
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Web:
+    """A real mitmweb with the addon in reverse mode, and its HTTP API (as its UI and command bar use it)."""
+
+    def __init__(self, folder: Path, upstream_url: str, tmp_path: Path, env: dict[str, str] | None = None) -> None:
+        self.web_port = free_port()
+        password = secrets.token_hex(8)
+        self.proxy = MitmDump(
+            folder, mode=f"reverse:{upstream_url}", tool="mitmweb", log_path=tmp_path / "mitmweb.log", env=env,
+            extra=["--set", f"web_port={self.web_port}", "--set", "web_host=127.0.0.1",
+                   "--set", "web_open_browser=false", "--set", f"web_password={password}",
+                   "--set", f"confdir={tmp_path / 'conf'}"],
+        )  # fmt: skip
+        token = secrets.token_hex(8)  # tornado's XSRF check: the cookie and the header must match
+        self.api = httpx.Client(
+            base_url=f"http://127.0.0.1:{self.web_port}",
+            headers={"Authorization": f"Bearer {password}", "X-XSRFToken": token},
+            cookies={"_mitmproxy_xsrf": token},
+            timeout=10,
+        )
+
+    def run(self, command: str) -> str:
+        response = self.api.post(f"/commands/{command}", json={"arguments": []})
+        assert response.status_code == 200, response.text
+        return response.json()["value"]
+
+    def flows(self) -> tuple[str, list[dict[str, Any]]]:
+        """``/flows.json``: its text and its flows."""
+        response = self.api.get("/flows.json")
+        assert response.status_code == 200
+        return response.text, response.json()
+
+    def flow_for(self, path: str, timeout: float = 10) -> dict[str, Any]:
+        """The latest flow of ``path`` in mitmweb's view (waiting for it to appear)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [f for f in self.flows()[1] if f.get("request", {}).get("path") == path]
+            if found:
+                return found[-1]
+            time.sleep(0.05)
+        raise AssertionError(f"no flow for {path} in mitmweb")
+
+    def __enter__(self) -> Web:
+        self.proxy.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.api.close()
+        self.proxy.stop()

@@ -16,11 +16,13 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from knoxcall_addon.echoserver import EchoHandler
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "knoxcall_addon" / "addon.py"
@@ -34,30 +36,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-class _EchoHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def _echo(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        seen = {
-            "upstream": self.server.name,  # type: ignore[attr-defined]
-            "method": self.command,
-            "path": self.path,
-            "headers": [[k, v] for k, v in self.headers.items()],
-            "body": body.decode("utf-8", "replace"),
-            "peer": self.client_address[0],
-        }
-        self.server.seen.append(seen)  # type: ignore[attr-defined]
-        payload = json.dumps(seen).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(payload)
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _echo
+class _EchoHandler(EchoHandler):
+    """`knoxcall echo`'s handler, quiet: the upstream of every end-to-end test."""
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -108,6 +88,7 @@ class MitmDump:
         extra: Sequence[str] = (),
         log_path: str | Path | None = None,
         tool: str = "mitmdump",
+        env: dict[str, str] | None = None,
     ) -> None:
         self.config = Path(config)
         self.listen_host = listen_host
@@ -134,6 +115,7 @@ class MitmDump:
         if self.access_log:
             args += ["--set", f"knoxcall_access_log={self.access_log}"]
         self.args = [*args, *extra]
+        self.env = env or {}  # added to the process's environment (e.g. secrets read from variables)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -143,7 +125,7 @@ class MitmDump:
 
     def start(self, timeout: float = 30) -> MitmDump:
         self._log = self.log_path.open("wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.process = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -162,11 +144,12 @@ class MitmDump:
         except OSError:
             return False
 
-    def stop(self) -> int | None:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
+        """Stop with ``sig`` (SIGTERM drains first, see drain.py; SIGINT stops at once) and wait."""
         if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(sig)
             try:
-                self.process.wait(10)
+                self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)

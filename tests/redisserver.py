@@ -28,10 +28,10 @@ def redis_binary() -> str:
 class RedisServer:
     """redis-server on 127.0.0.1:``port``, no persistence; ``kill`` and ``start`` again on the same port."""
 
-    def __init__(self, folder: Path, password: str | None = None) -> None:
+    def __init__(self, folder: Path, password: str | None = None, port: int | None = None) -> None:
         self.binary = redis_binary()
         self.folder = folder
-        self.port = free_port()
+        self.port = port or free_port()
         self.password = password
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -129,3 +129,96 @@ def test_a_burst_of_failures_then_recovery(tmp_path: Path) -> None:
     assert json.loads(raw[0])["request_id"] == "before"
     assert raw[1].startswith('{"ts":null,"request_id":"lost-0"') and len(raw[1]) == 40  # the torn line
     assert [json.loads(line)["request_id"] for line in raw[2:]] == ["after", "after-2"]
+
+
+# -- rotation (logrotate moves the file; the log follows the path) -------------------------
+
+
+@pytest.fixture
+def check_every_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Look at the path before every write instead of once a second."""
+    monkeypatch.setattr("knoxcall_addon.accesslog.ROTATION_CHECK_SECONDS", 0.0)
+
+
+def ids(path: Path) -> list[object]:
+    return [record["request_id"] for record in lines(path)]
+
+
+def test_a_moved_file_is_followed_by_a_new_one(
+    tmp_path: Path, check_every_write: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "access.jsonl"
+    log = AccessLog(path)
+    log.write(record(request_id="before"))
+    path.rename(tmp_path / "access.jsonl.1")  # logrotate's default: move, then create (or not)
+    with caplog.at_level(logging.INFO, logger="knoxcall"):
+        log.write(record(request_id="after"))
+        log.write(record(request_id="after-2"))
+    log.close()
+    assert ids(tmp_path / "access.jsonl.1") == ["before"]
+    assert ids(path) == ["after", "after-2"]
+    moved = [r.getMessage() for r in caplog.records if "moved or removed" in r.getMessage()]
+    assert len(moved) == 1
+
+
+def test_a_file_created_by_logrotate_is_written_and_a_removed_one_is_made_again(
+    tmp_path: Path, check_every_write: None
+) -> None:
+    path = tmp_path / "access.jsonl"
+    log = AccessLog(path)
+    log.write(record(request_id="one"))
+    path.rename(tmp_path / "old")
+    path.write_bytes(b"")  # logrotate's create
+    log.write(record(request_id="two"))
+    path.unlink()
+    log.write(record(request_id="three"))
+    log.close()
+    assert ids(tmp_path / "old") == ["one"]
+    assert ids(path) == ["three"]
+
+
+def test_copytruncate_needs_nothing(tmp_path: Path, check_every_write: None) -> None:
+    path = tmp_path / "access.jsonl"
+    log = AccessLog(path)
+    log.write(record(request_id="one"))
+    (tmp_path / "copy").write_bytes(path.read_bytes())
+    with path.open("r+b") as f:
+        f.truncate(0)
+    log.write(record(request_id="two"))
+    log.close()
+    assert path.read_bytes().startswith(b'{"ts"')  # appended at the new end, no hole before it
+    assert ids(path) == ["two"]
+
+
+def test_a_path_that_cannot_be_opened_again_keeps_the_moved_file(
+    tmp_path: Path, check_every_write: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "access.jsonl"
+    log = AccessLog(path)
+    log.write(record(request_id="one"))
+    path.rename(tmp_path / "moved")
+    path.mkdir()  # the path cannot be a file now (root ignores permissions: a directory stops it)
+    with caplog.at_level(logging.INFO, logger="knoxcall"):
+        for i in range(5):
+            log.write(record(request_id=f"kept-{i}"))  # never raises
+        assert log.lost == 0
+        path.rmdir()
+        log.write(record(request_id="new"))
+    log.close()
+    assert ids(tmp_path / "moved") == ["one", *(f"kept-{i}" for i in range(5))]
+    assert ids(path) == ["new"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "cannot be opened again" in errors[0] and "IsADirectoryError" in errors[0]
+
+
+def test_the_path_is_looked_at_once_a_second_not_per_line(tmp_path: Path) -> None:
+    path = tmp_path / "access.jsonl"
+    log = AccessLog(path)
+    log.write(record(request_id="one"))
+    path.rename(tmp_path / "moved")
+    log.write(record(request_id="two"))  # within the second: still the moved file
+    log._check_at = 0.0  # as if a second had passed
+    log.write(record(request_id="three"))
+    log.close()
+    assert ids(tmp_path / "moved") == ["one", "two"]
+    assert ids(path) == ["three"]

@@ -19,7 +19,7 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow, tutils
 
 import knoxcall_addon.addon as entry_point
-from knoxcall_addon import proxy_addon
+from knoxcall_addon import connections, proxy_addon
 from knoxcall_addon.accesslog import ACCESS_LOG_FIELDS
 from knoxcall_addon.proxy_addon import KnoxCall
 
@@ -246,8 +246,8 @@ def test_exception_while_deciding_a_connection_denies(tctx, monkeypatch) -> None
     def explode(*args: Any, **kwargs: Any) -> Any:
         raise ValueError("kaboom")
 
-    monkeypatch.setattr(proxy_addon, "decide_connection", explode)
-    monkeypatch.setattr(proxy_addon, "decide_raw_flow", explode)
+    monkeypatch.setattr(connections, "decide_connection", explode)
+    monkeypatch.setattr(connections, "decide_raw_flow", explode)
     flow = make_flow(method="CONNECT", path="")
     addon.http_connect(flow)
     assert flow.response is not None and flow.response.status_code == 500

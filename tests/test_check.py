@@ -241,6 +241,16 @@ def test_missing_folder_is_an_error(tmp_path):
             ),
             ("unreachable-limit", "warning"),
         ),
+        (
+            "report mode in the default environment",
+            base(routes=[{"name": "api", "target_base_url": "http://127.0.0.1:9", "mode": "report"}]),
+            ("report-mode", "warning"),
+        ),
+        (
+            "a route requiring signatures, a client without signing secrets",
+            base(routes=[{"name": "api", "target_base_url": "http://127.0.0.1:9", "signature": {"required": True}}]),
+            ("unsigned-client", "error"),
+        ),
     ],
 )
 def test_each_rule_fires_on_a_config_made_for_it(make_config, name, data, expected):

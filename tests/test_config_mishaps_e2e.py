@@ -15,11 +15,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import pytest
 
 from knoxcall_addon.cli import EXIT_FINDINGS, main
-from tests.harness import ROOT, MitmDump, Upstream, client_from, free_port, run_mitmdump_expecting_exit
+from tests.e2e_util import Web
+from tests.harness import ROOT, MitmDump, Upstream, client_from, run_mitmdump_expecting_exit
 
 OFFICE = "127.0.0.9"
 LAB = "127.0.0.10"
@@ -73,42 +73,6 @@ def wait_for(predicate: Callable[[], bool], what: str, proxy: MitmDump, timeout:
 
 def start_proxy(folder: Path, upstream: Upstream, tmp_path: Path, *extra: str) -> MitmDump:
     return MitmDump(folder, mode=f"reverse:{upstream.url}", log_path=tmp_path / "mitmdump.log", extra=extra).start()
-
-
-class Web:
-    """A real mitmweb with the addon, and its command API (what mitmweb's command bar calls)."""
-
-    def __init__(self, folder: Path, upstream: Upstream, tmp_path: Path) -> None:
-        self.web_port = free_port()
-        self.proxy = MitmDump(
-            folder,
-            mode=f"reverse:{upstream.url}",
-            tool="mitmweb",
-            log_path=tmp_path / "mitmweb.log",
-            extra=["--set", f"web_port={self.web_port}", "--set", "web_host=127.0.0.1",
-                   "--set", "web_open_browser=false", "--set", "web_password=test-only",
-                   "--set", f"confdir={tmp_path / 'conf'}"],
-        )  # fmt: skip
-        token = "0123456789abcdef"  # tornado's XSRF check: the cookie and the header must match
-        self.api = httpx.Client(
-            base_url=f"http://127.0.0.1:{self.web_port}",
-            headers={"Authorization": "Bearer test-only", "X-XSRFToken": token},
-            cookies={"_mitmproxy_xsrf": token},
-            timeout=10,
-        )
-
-    def run(self, command: str) -> str:
-        response = self.api.post(f"/commands/{command}", json={"arguments": []})
-        assert response.status_code == 200, response.text
-        return response.json()["value"]
-
-    def __enter__(self) -> Web:
-        self.proxy.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.api.close()
-        self.proxy.stop()
 
 
 # -- 2. a file still open for writing is never put in force ------------------------------------
@@ -272,7 +236,7 @@ def test_a_moment_of_current_to_current_does_not_stop_hot_reload(tmp_path, upstr
     write_config(tmp_path / "release-2", admin=ADMIN_WITH_LAB)
     current = tmp_path / "current"
     os.symlink("release-1", current)
-    with Web(current, upstream, tmp_path) as web:
+    with Web(current, upstream.url, tmp_path) as web:
         proxy = web.proxy
         assert status_of(LAB, proxy) == 403
         mark = len(proxy.log_text())
@@ -370,7 +334,7 @@ def warnings_in(log: str) -> list[str]:
 
 def test_dangerous_findings_are_logged_at_start_and_reload_and_listed_in_status(tmp_path, upstream):
     folder = write_config(tmp_path / "config", admin=OPEN_CLIENT)
-    with Web(folder, upstream, tmp_path) as web:
+    with Web(folder, upstream.url, tmp_path) as web:
         proxy = web.proxy
         assert status_of(STRANGER, proxy) == 200  # served as written: it is valid config
         start = warnings_in(proxy.log_text())

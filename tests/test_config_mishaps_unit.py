@@ -34,39 +34,7 @@ from knoxcall_addon.yamlsource import (
     read_config_file,
 )
 from knoxcall_addon.yamlsource import UnreadableEntry as Unreadable
-
-BASE = """\
-environments:
-  - name: production
-routes:
-  - name: api
-"""
-CLIENTS = """\
-clients:
-  - name: office
-    ip_address: {ip}
-  - name: lab
-    ip_address: 192.0.2.10
-assignments:
-  api:
-    production: [{assigned}]
-"""
-
-
-def write_config(folder: Path, ip: str = "192.0.2.9", assigned: str = "office, lab") -> Path:
-    folder.mkdir(exist_ok=True)
-    (folder / "base.yaml").write_text(BASE)
-    (folder / "clients.yaml").write_text(CLIENTS.format(ip=ip, assigned=assigned))
-    return folder
-
-
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
+from tests.test_reload_unit import CLIENTS, wait_until, write_config
 
 
 class Installed:

@@ -110,7 +110,8 @@ def test_bad_launch_options_are_reported_removed_and_keep_the_guard_refusing(con
             "--set knoxcall_access_log=b.jsonl); give it once",
             "--set knoxcall_ping_interval=1m: not an integer: 1m",
             "unknown option knoxcall_confg (did you mean knoxcall_config?); the options are knoxcall_access_log, "
-            "knoxcall_config, knoxcall_ping_interval, knoxcall_reload",
+            "knoxcall_config, knoxcall_drain_seconds, knoxcall_drain_timeout, knoxcall_metrics, "
+            "knoxcall_ping_interval, knoxcall_reload",
         ]
         assert list(context.options.deferred) == ["unrelated_option"]  # not ours to judge
         errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]

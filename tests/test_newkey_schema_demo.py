@@ -113,6 +113,10 @@ GOOD = [
     ENVS + "api_keys: [{name: k, key_sha256: '" + "ab" * 32 + "', type: test, enabled: true, description: d}]",
     ENVS + "settings: {default_environment: dev, trusted_proxies: [10.0.0.1], client_ip_header: X-Real-IP,"
     " unmatched_requests: allow}",
+    ENVS + "secrets: [{name: s, env: HOME, environments: {dev: {env: PATH}}}]\n"
+    "routes: [{name: r, inject_headers: {X-Home: 'at {{secret:s}}'}, signature: {tolerance_sec: 60, nonce: true},"
+    " environments: {dev: {inject_headers: false}}}]\n"
+    "clients: [{name: a, ip_address: 10.0.0.1, signing_secrets: ['{{secret:s}}']}]",
 ]
 BAD = [
     ENVS + "clients: [{name: a, ip_address: 10.0.0.1, colour: red}]",  # unknown key
@@ -133,6 +137,10 @@ BAD = [
     ENVS + "settings: {default_environment: Prod}",
     ENVS + "clients: [{name: a, ip_address: 10.0.0.1}]\nroutes: [{name: r}]\nassignments: {r: {production: [a, a]}}",
     ENVS + "clients: [{name: a, ip_address: 10.0.0.1}]\nroutes: [{name: r}]\nassignments: {r: {production: {a: 1}}}",
+    ENVS + "secrets: [{name: s, env: HOME, file: /x}]",  # two sources
+    ENVS + "clients: [{name: a, ip_address: 10.0.0.1, signing_secrets: [the-secret-itself]}]",
+    ENVS + "routes: [{name: r, signature: {tolerance_sec: 0}}]",
+    ENVS + "routes: [{name: r, inject_headers: {'Bad Name': x}}]",
     "environments: [{name: Production}]",
     "colours: [red]",
     "- just a list",

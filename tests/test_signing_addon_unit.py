@@ -1,0 +1,127 @@
+"""The adapter's signed-request path on test flows: decided at the headers, checked at the body,
+and never forwarded unchecked (a lost check, a flow that ends early)."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mitmproxy.http import Headers, HTTPFlow
+from mitmproxy.proxy.mode_specs import ProxyMode
+from mitmproxy.test import taddons, tflow, tutils
+
+from knoxcall_addon import injection
+from knoxcall_addon.proxy_addon import METADATA_KEY, KnoxCall
+from knoxcall_addon.signing import sign
+
+CONFIG = """\
+secrets:
+  - name: acme
+    env: KC_ADDON_SIGN
+  - name: token
+    env: KC_ADDON_TOKEN
+clients:
+  - name: acme
+    ip_address: 127.0.0.0/29
+    signing_secrets: ["{{secret:acme}}"]
+routes:
+  - name: pay
+    target_base_url: https://backend.example.com/base
+    match: {path_prefix: /pay}
+    signature: {}
+    inject_headers: {Authorization: "Bearer {{secret:token}}"}
+assignments:
+  pay: {production: [acme]}
+"""
+
+
+@pytest.fixture
+def values(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    found = {"sign": secrets.token_hex(12), "token": secrets.token_hex(12)}
+    monkeypatch.setenv("KC_ADDON_SIGN", found["sign"])
+    monkeypatch.setenv("KC_ADDON_TOKEN", found["token"])
+    return found
+
+
+@pytest.fixture
+def folder(tmp_path: Path, values: dict[str, str]) -> Path:
+    (tmp_path / "knoxcall.yaml").write_text(CONFIG)
+    return tmp_path
+
+
+def addon_for(folder: Path) -> Iterator[KnoxCall]:
+    addon = KnoxCall()
+    with taddons.context(addon) as context:
+        context.configure(addon, knoxcall_config=str(folder))
+        yield addon
+    addon.done()
+
+
+@pytest.fixture
+def addon(folder: Path) -> Iterator[KnoxCall]:
+    yield from addon_for(folder)
+
+
+def signed_flow(secret: str, body: bytes = b'{"a": 1}', path: str = "/pay?x=1") -> HTTPFlow:
+    timestamp = str(int(time.time()))
+    headers = [("X-Timestamp", timestamp), ("X-Signature", sign(secret, timestamp, "POST", path, body))]
+    request = tutils.treq(host="api.example.com", port=80, method=b"POST", path=path.encode(),
+                          headers=Headers([(k.encode(), v.encode()) for k, v in headers]), content=body)  # fmt: skip
+    flow = tflow.tflow(req=request)
+    flow.client_conn.peername = ("127.0.0.5", 50000)
+    flow.client_conn.proxy_mode = ProxyMode.parse("regular")
+    return flow
+
+
+def test_decided_at_the_headers_checked_at_the_body_then_forwarded(addon, values):
+    flow = signed_flow(values["sign"])
+    addon.requestheaders(flow)
+    assert flow.response is None and flow.request.host == "api.example.com"  # nothing forwarded yet
+    assert flow.metadata[METADATA_KEY]["signature"] == "pending"
+    addon.request(flow)
+    assert flow.response is None
+    assert flow.request.host == "backend.example.com" and flow.request.path == "/base/pay?x=1"
+    assert "x-signature" not in flow.request.headers and "x-timestamp" not in flow.request.headers
+    assert flow.request.headers["authorization"] == "Bearer {{secret:token}}"
+    assert injection.armed() >= 1
+    assert flow.metadata[METADATA_KEY]["decision"] == "allowed" and "signature" not in flow.metadata[METADATA_KEY]
+    addon.responseheaders(flow)  # (no response yet in a test flow: only the disarm matters)
+    assert flow.request not in injection._armed
+
+
+def test_a_tampered_body_is_refused_and_nothing_is_forwarded(addon, values):
+    flow = signed_flow(values["sign"])
+    addon.requestheaders(flow)
+    flow.request.content = b'{"a": 2}'
+    addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 401
+    assert flow.metadata[METADATA_KEY]["reason"] == "signature_invalid"
+    assert flow.request.host == "api.example.com"  # never re-targeted
+    assert "authorization" not in flow.request.headers  # nothing injected
+
+
+def test_a_check_lost_in_a_script_reload_refuses_the_request(folder, values):
+    """The instance that decided the headers is gone when the body is in: never forwarded unchecked."""
+    flow = signed_flow(values["sign"])
+    first, second = KnoxCall(), KnoxCall()
+    with taddons.context(first) as context:
+        context.configure(first, knoxcall_config=str(folder))
+        first.requestheaders(flow)
+        first.done()  # what a script reload does to the old instance
+        context.configure(second, knoxcall_config=str(folder))
+        second.request(flow)
+    second.done()
+    assert flow.response is not None and flow.response.status_code == 500
+
+
+def test_a_request_that_ends_before_its_body_is_logged_refused_and_not_answered(addon, values):
+    flow = signed_flow(values["sign"])
+    addon.requestheaders(flow)
+    flow.error = tflow.terr()
+    addon.error(flow)
+    assert flow.response is None
+    assert flow.metadata[METADATA_KEY]["reason"] == "signature_missing"
+    assert addon._awaiting_body == {}
