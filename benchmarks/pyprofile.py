@@ -65,7 +65,7 @@ def python_costs(dump: Path, names: dict[int, str]) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.pyprofile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, help="KnoxCall config folder (default: bare mitmdump)")
-    parser.add_argument("--script", default=str(instructions.ROOT / "knoxcall_addon" / "addon.py"))
+    parser.add_argument("--script", help="the script to load (default: KnoxCall's with --config, none without)")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--header", action="append", default=["x-knoxcall-route: bench-route"])
     parser.add_argument("--match", default="", help="only functions whose name or file contains this")
@@ -73,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], help="an extra mitmdump option, NAME=VALUE")
     args = parser.parse_args(argv)
     headers = dict((k.strip(), v.strip()) for k, v in (h.split(":", 1) for h in args.header))
-    mitm_args = ["-s", args.script, "--set", f"knoxcall_config={args.config}"] if args.config else []
+    script = args.script or (str(instructions.ROOT / "knoxcall_addon" / "addon.py") if args.config else None)
+    mitm_args = ["-s", script] if script else []
+    if args.config:
+        mitm_args += ["--set", f"knoxcall_config={args.config}"]
     for option in args.set:
         mitm_args += ["--set", option]
     variant = instructions.Variant("profiled", mitm_args, headers, python_args=["-X", "perf"])

@@ -110,8 +110,37 @@ def wire_request(request: http.Request) -> http.Request:
     wire = _armed.get(request)
     if wire is None:
         return request
-    real = {(name, shown): value for name, shown, value in wire}
-    fields = tuple((name, real.get((name.lower(), value), value)) for name, value in request.headers.fields)
+    fields = request.headers.fields
+    if len(wire) == 1:  # the usual case: one injected header
+        ((name, shown, value),) = wire
+        fields = tuple([(n, value if v == shown and n.lower() == name else v) for n, v in fields])
+    else:
+        real = {(name, shown): value for name, shown, value in wire}
+        fields = tuple([(n, real.get((n.lower(), v), v)) for n, v in fields])
+    return shallow_copy(request, fields)
+
+
+def shallow_copy(request: http.Request, fields: tuple[tuple[bytes, bytes], ...]) -> http.Request:
+    """``copy.copy(request)`` with a copy of its data holding ``Headers(fields)``: what
+    `plain_copy` makes, without copy's reduce protocol and the Headers type checks (``fields``
+    are the request's own bytes and the config's), a fifth of the instructions. The request,
+    its data and the headers keep their state in ``__dict__`` (mitmproxy 12); anything else
+    falls back to `plain_copy`."""
+    data = request.data
+    if type(request) is not http.Request or type(data) is not http.RequestData or vars(request).keys() != {"data"}:
+        return plain_copy(request, fields)
+    headers = object.__new__(http.Headers)
+    headers.fields = fields
+    sent_data = object.__new__(http.RequestData)
+    vars(sent_data).update(vars(data))
+    sent_data.headers = headers
+    sent = object.__new__(http.Request)
+    sent.data = sent_data
+    return sent
+
+
+def plain_copy(request: http.Request, fields: tuple[tuple[bytes, bytes], ...]) -> http.Request:
+    """The plain way of `shallow_copy` (the tests compare the two)."""
     sent = copy.copy(request)
     sent.data = copy.copy(request.data)
     sent.data.headers = http.Headers(fields)

@@ -7,13 +7,14 @@ and the access log must get every request, also one decided before the log was o
 
 from __future__ import annotations
 
+import asyncio
 import json
 import types
 from pathlib import Path
 from typing import Any
 
 import pytest
-from mitmproxy import exceptions, hooks
+from mitmproxy import addonmanager, exceptions, hooks
 from mitmproxy.addons import script as mitmproxy_script
 from mitmproxy.test import taddons, tflow, tutils
 
@@ -104,3 +105,96 @@ def test_the_entry_point_file_loads_as_a_script(config_dir) -> None:  # noqa: F8
         knoxcall: Any = context.master.addons.get("knoxcall")
         assert isinstance(knoxcall, KnoxCall) and knoxcall.current is not None
         assert module.requestheaders.__self__ is knoxcall
+
+
+ENTRY_POINT = Path(__file__).resolve().parent.parent / "knoxcall_addon" / "addon.py"
+
+
+def loaded_script_node(context: taddons.context, folder: Path) -> Any:
+    """mitmproxy's ScriptLoader with a Script node for addon.py, as ``-s`` makes them: the node is
+    registered, then loads its module (its watcher would, once the loop gets control)."""
+    loader = context.master.addons.get("scriptloader")
+    context.options.update_defer(knoxcall_config=str(folder), knoxcall_reload=False)
+    node = mitmproxy_script.Script(str(ENTRY_POINT), True)
+    loader.addons.append(node)
+    context.master.addons.register(node)
+    node.loadscript()
+    return node
+
+
+def in_loop(scenario: Any) -> None:
+    """Run ``scenario`` (a test's body) inside an event loop, as mitmproxy runs hooks: the
+    running hook's drain and watcher ask for the loop."""
+
+    async def body() -> None:
+        scenario()
+
+    asyncio.run(body())
+
+
+def test_once_running_the_script_node_holds_the_hooks_and_leads_nowhere(config_dir) -> None:  # noqa: F811
+    def scenario() -> None:
+        with taddons.context(mitmproxy_script.ScriptLoader()) as context:
+            node = loaded_script_node(context, config_dir)
+            module = node.ns
+            knoxcall = context.master.addons.get("knoxcall")
+            assert isinstance(knoxcall, KnoxCall) and list(addonmanager.traverse([node])) == [node, module]
+            context.master.addons.trigger(hooks.RunningHook())
+            assert type(node) is hooktable.FlatScript and list(addonmanager.traverse([node])) == [node]
+            found = dict(context.master.addons._iter_hooks(node, hooks.all_hooks["requestheaders"](make_flow())))
+            assert found == {node: module.requestheaders} and module.requestheaders.__self__ is knoxcall
+            # what mitmproxy calls for an event: each of KnoxCall's hooks once, through the node
+            flow = make_flow()
+            context.master.addons.trigger(hooks.all_hooks["requestheaders"](flow))
+            assert flow.metadata["knoxcall"]["decision"] == "allowed", flow.metadata["knoxcall"]
+            assert launchguard.GUARD_NAME not in [getattr(a, "name", "") for a in context.master.addons.chain]
+
+            # a script reload removes the module alone: the node leads to modules again, holding no hook
+            context.master.addons.remove(module)
+            assert type(node) is mitmproxy_script.Script and node.addons == [module]
+            assert not hasattr(node, "requestheaders") and context.master.addons.get("knoxcall") is None
+            guard = context.master.addons.get(launchguard.GUARD_NAME)
+            assert guard.keeper is None and context.master.addons.chain[-1] is guard  # refusing again
+
+    in_loop(scenario)
+
+
+def test_removing_the_flattened_node_calls_each_done_once_and_forgets_every_name(config_dir, monkeypatch) -> None:  # noqa: F811
+    def scenario() -> None:
+        with taddons.context(mitmproxy_script.ScriptLoader()) as context:
+            node = loaded_script_node(context, config_dir)
+            module = node.ns
+            context.master.addons.trigger(hooks.RunningHook())
+            assert type(node) is hooktable.FlatScript
+            calls: list[str] = []
+            knoxcall = context.master.addons.get("knoxcall")
+            original_done = knoxcall.done
+            monkeypatch.setattr(knoxcall, "done", lambda: (calls.append("done"), original_done()))
+            context.master.addons.remove(node)  # what ScriptLoader does when the script leaves the scripts option
+            assert calls == ["done"]
+            lookup = context.master.addons.lookup
+            assert module.name not in lookup and "knoxcall" not in lookup and node.name not in lookup
+            assert not any(name in vars(node) for name in ("requestheaders", "done", hooktable.FLAT_MARK))
+            # the same script can be added again, as mitmproxy allows
+            context.master.addons.get("scriptloader").addons.remove(node)
+            again = loaded_script_node(context, config_dir)
+            assert context.master.addons.get("knoxcall") is not None and again.ns is not module
+
+    in_loop(scenario)
+
+
+def test_a_node_that_is_not_mitmproxys_plain_script_is_left_as_it_is(config_dir) -> None:  # noqa: F811
+    def scenario() -> None:
+        class OtherScript(mitmproxy_script.Script):
+            pass
+
+        with taddons.context(mitmproxy_script.ScriptLoader()) as context:
+            node = loaded_script_node(context, config_dir)
+            node.__class__ = OtherScript
+            context.master.addons.trigger(hooks.RunningHook())
+            assert type(node) is OtherScript and list(addonmanager.traverse([node])) == [node, node.ns]
+            flow = make_flow()
+            context.master.addons.trigger(hooks.all_hooks["requestheaders"](flow))
+            assert flow.metadata["knoxcall"]["decision"] == "allowed", flow.metadata["knoxcall"]
+
+    in_loop(scenario)

@@ -19,7 +19,7 @@ from knoxcall_addon.cli import main
 from knoxcall_addon.loader import load_config
 from knoxcall_addon.model import ConfigError
 from knoxcall_addon.policy import Policy, load_policy
-from knoxcall_addon.secretsource import read_source
+from knoxcall_addon.secretsource import Injection, read_source
 from tests.harness import ROOT, run_mitmdump_expecting_exit
 
 BASE = """\
@@ -245,3 +245,38 @@ def test_the_shipped_schema_knows_the_new_keys() -> None:
     schema = (ROOT / "knoxcall_addon" / "config.schema.json").read_text()
     for key in ("secrets", "inject_headers", "signing_secrets", "signature", "tolerance_sec"):
         assert f'"{key}"' in schema
+
+
+def test_the_cheap_wire_copy_is_the_plain_one_and_leaves_the_flow_alone(tmp_path, token):
+    """injection.shallow_copy against copy.copy (plain_copy): the same state, nothing shared that could change."""
+    request = http.Request.make(
+        "POST", "http://upstream.test/partner?q=1", b"body", headers={"Authorization": "shown", "X-A": "1"}
+    )
+    fields = ((b"Authorization", b"real"), (b"X-A", b"1"))
+    cheap, plain = injection.shallow_copy(request, fields), injection.plain_copy(request, fields)
+    assert type(cheap) is type(plain) is http.Request and type(cheap.headers) is http.Headers
+    assert cheap.get_state() == plain.get_state()
+    assert cheap.headers["authorization"] == "real" and request.headers["authorization"] == "shown"
+    assert cheap.data is not request.data and cheap.headers is not request.headers
+    cheap.path = "/changed"  # what a server-side layer may do to its copy
+    assert request.path == "/partner?q=1"
+    assert cheap.stream is request.stream and cheap.content == request.content
+
+
+def test_two_injected_headers_are_both_filled_in_on_the_wire(tmp_path):
+    injection.install()
+    flow = http.HTTPFlow.__new__(http.HTTPFlow)
+    flow.request = http.Request.make("GET", "http://upstream.test/partner", headers={"X-Keep": "{{secret:a}}"})
+    found = Injection(
+        names=frozenset({b"authorization", b"x-api"}),
+        fields=((b"Authorization", b"Bearer {{secret:a}}"), (b"X-Api", b"{{secret:b}}")),
+        wire=((b"authorization", b"Bearer {{secret:a}}", b"Bearer A"), (b"x-api", b"{{secret:b}}", b"B")),
+    )
+    injection.inject(flow, found)
+    try:
+        sent = RequestHeaders(1, flow.request, True).request
+        sent_fields = [field for field in sent.headers.fields if field[0] != b"content-length"]
+        assert sent_fields == [(b"X-Keep", b"{{secret:a}}"), (b"Authorization", b"Bearer A"), (b"X-Api", b"B")]
+        assert flow.request.headers["x-api"] == "{{secret:b}}"
+    finally:
+        injection.disarm(flow)
