@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -37,8 +36,10 @@ from knoxcall_addon.secretsource import Injection
 
 logger = logging.getLogger("knoxcall")
 
-# request (as the flow holds it) -> (lower-case name, value shown, real value) per injected field
-_armed: weakref.WeakKeyDictionary[http.Request, tuple[tuple[bytes, bytes, bytes], ...]] = weakref.WeakKeyDictionary()
+# On an armed request (the flow's), in its __dict__: (lower-case name, value shown, real value) per
+# injected field. Not part of the request's state (its data), so no view, saved flow, copy or
+# replay of the flow holds it; gone when the request is sent or fails (`disarm`), or with the flow.
+WIRE = "_knoxcall_wire"
 _state = {"installed": False, "problem": "", "debug": False}
 
 
@@ -57,7 +58,7 @@ def install() -> str:
         def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
             original(self, *args, **kwargs)
             # (a replay's event goes to the client side: it becomes flow.request, never fill it in)
-            if _armed and self.replay_flow is None:
+            if WIRE in self.request.__dict__ and self.replay_flow is None:
                 self.request = wire_request(self.request)
 
         __init__.__wrapped__ = original  # type: ignore[attr-defined]
@@ -90,24 +91,23 @@ def inject(flow: http.HTTPFlow, injection: Injection) -> None:
     fields.extend(injection.fields)
     request.headers.fields = tuple(fields)
     if injection.wire:
-        _armed[request] = injection.wire
+        request.__dict__[WIRE] = injection.wire
 
 
 def disarm(flow: http.HTTPFlow) -> None:
     """The request has been sent (or never will be): forget its real values."""
-    if _armed:
-        _armed.pop(flow.request, None)
+    flow.request.__dict__.pop(WIRE, None)
 
 
-def armed() -> int:
-    """How many requests wait to be sent with secrets (for tests and status)."""
-    return len(_armed)
+def is_armed(request: http.Request) -> bool:
+    """Does ``request`` wait to be sent with secrets? (for tests)"""
+    return WIRE in request.__dict__
 
 
 def wire_request(request: http.Request) -> http.Request:
     """What the upstream receives: ``request`` itself, or (armed) a copy with the real values in
     the injected fields that still show their placeholder (an edit in mitmweb's intercept wins)."""
-    wire = _armed.get(request)
+    wire = request.__dict__.get(WIRE)
     if wire is None:
         return request
     fields = request.headers.fields
@@ -127,7 +127,8 @@ def shallow_copy(request: http.Request, fields: tuple[tuple[bytes, bytes], ...])
     its data and the headers keep their state in ``__dict__`` (mitmproxy 12); anything else
     falls back to `plain_copy`."""
     data = request.data
-    if type(request) is not http.Request or type(data) is not http.RequestData or vars(request).keys() != {"data"}:
+    plain = type(request) is http.Request and type(data) is http.RequestData and vars(request).keys() <= _PLAIN_STATE
+    if not plain:
         return plain_copy(request, fields)
     headers = object.__new__(http.Headers)
     headers.fields = fields
@@ -139,9 +140,13 @@ def shallow_copy(request: http.Request, fields: tuple[tuple[bytes, bytes], ...])
     return sent
 
 
+_PLAIN_STATE = frozenset({"data", WIRE})  # what a request made by mitmproxy, maybe armed, holds in __dict__
+
+
 def plain_copy(request: http.Request, fields: tuple[tuple[bytes, bytes], ...]) -> http.Request:
-    """The plain way of `shallow_copy` (the tests compare the two)."""
+    """The plain way of `shallow_copy` (the tests compare the two); the copy is not armed."""
     sent = copy.copy(request)
+    sent.__dict__.pop(WIRE, None)
     sent.data = copy.copy(request.data)
     sent.data.headers = http.Headers(fields)
     return sent

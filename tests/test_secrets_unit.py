@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from mitmproxy import http
 from mitmproxy.proxy.layers.http import RequestHeaders
+from mitmproxy.test import tflow
 
 from knoxcall_addon import injection
 from knoxcall_addon.cli import main
@@ -227,7 +228,7 @@ def test_with_proxy_debug_on_a_secret_is_not_injected_but_refused(tmp_path, toke
             injection.inject(flow, policy.injections[("partner", "production")])
     finally:
         injection.set_debug(False)
-    assert injection.armed() == 0 or flow.request not in injection._armed
+    assert not injection.is_armed(flow.request)
 
 
 def test_a_missing_secret_at_start_refuses_to_start_and_says_which(tmp_path, monkeypatch):
@@ -280,3 +281,24 @@ def test_two_injected_headers_are_both_filled_in_on_the_wire(tmp_path):
         assert flow.request.headers["x-api"] == "{{secret:b}}"
     finally:
         injection.disarm(flow)
+
+
+def test_an_armed_request_keeps_its_values_out_of_the_flows_state_and_copies(tmp_path, token):
+    """The real values sit beside the request's state, never in it: a saved flow (get_state),
+    mitmweb's copy of a flow and a replay hold the placeholder only."""
+    injection.install()
+    policy = _policy(tmp_path, token)
+    flow = tflow.tflow()
+    flow.request.path = "/partner"
+    injection.inject(flow, policy.injections[("partner", "production")])
+    try:
+        assert injection.is_armed(flow.request)
+        assert token not in repr(flow.get_state()) and token.encode() not in repr(flow.get_state()).encode()
+        copied = flow.copy()
+        assert not injection.is_armed(copied.request)
+        assert copied.request.headers["authorization"] == "Bearer {{secret:partner_token}}"
+        sent = RequestHeaders(1, flow.request, True).request
+        assert sent.headers["authorization"] == f"Bearer {token}" and not injection.is_armed(sent)
+    finally:
+        injection.disarm(flow)
+    assert not injection.is_armed(flow.request)
