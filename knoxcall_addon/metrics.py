@@ -8,8 +8,11 @@
   KnoxCall's hooks decide, 503 otherwise, and while draining before a stop), served by a stdlib server thread: never on
   mitmproxy's event loop, never through the proxy.
 
-Per request the proxy pays one dict lookup and a counter increment on a label child bound
-on first use, and a histogram observation; nothing at all when the option is off. Label
+Per request the proxy pays two dict lookups, an addition and a bisection: the request
+counts and the decision latency histogram are plain numbers on the event loop, which the
+scrape thread copies (`RequestCollector`; the event loop is their only writer, and a copy
+of a dict or list is one step under the GIL), instead of prometheus_client's locked
+values (a quarter of what metrics cost per request). Nothing at all when the option is off. Label
 values are bounded: route and environment names come from the config in force (a name a
 caller made up is counted as ``-``), decisions and reasons from the code's fixed lists.
 No client IP, key or other caller value is ever a label. A failure in here is logged
@@ -21,18 +24,21 @@ No mitmproxy import: the addon hands in a function that returns its `State`.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import logging
 import socket
 import threading
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from knoxcall_addon.decision import ALLOWED_REASONS, DENIED_REASONS, Decision
 from knoxcall_addon.policy import Policy
@@ -116,19 +122,10 @@ class Metrics:
 
     def __init__(self, state: Callable[[], State] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "knoxcall_requests",
-            "HTTP requests decided, by route, environment, decision and reason (- for a route or environment "
-            "not in the config); report_only=true: let through in report mode, refused once enforced",
-            ("route", "environment", "decision", "reason", "report_only"),
-            registry=self.registry,
-        )
-        self.decision_seconds = Histogram(
-            "knoxcall_decision_duration_seconds",
-            "Time KnoxCall took to decide an HTTP request (reading it, deciding, preparing it for upstream)",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+        # knoxcall_requests and knoxcall_decision_duration_seconds: see RequestCollector
+        self.request_counts: dict[tuple[str, ...], int] = {}  # label values -> requests
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)  # per bucket, not cumulative; the last: +Inf
+        self.latency_sum = 0.0
         self.connections = Counter(
             "knoxcall_connections",
             "Connections decided without an HTTP request: tunnel (CONNECT), connection (raw reverse modes), "
@@ -147,11 +144,11 @@ class Metrics:
             "Requests whose rate limit store could not be asked (the fallback decided)",
             registry=self.registry,
         )
+        self.registry.register(RequestCollector(self))
         if state is not None:
             self.registry.register(StateCollector(state))
-        self._observe = self.decision_seconds.observe
-        # (route, env, decision, reason, report_only) -> bound counter (or counters, for a rate limit)
-        self._children: dict[tuple[Any, ...], Any] = {}
+        # (route, env, decision, reason, report_only) -> (label values, the rate limit refusals child or None)
+        self._children: dict[tuple[Any, ...], tuple[tuple[str, ...], Any]] = {}
         self._connection_children: dict[tuple[Any, ...], Any] = {}
         self._routes: frozenset[str] = frozenset()
         self._environments: frozenset[str] = frozenset()
@@ -169,11 +166,16 @@ class Metrics:
         """Count one HTTP request's decision and how long it took."""
         try:
             key = (decision.route, decision.environment, decision.decision, decision.reason, decision.report_only)
-            child = self._children.get(key)
-            if child is None:
-                child = self._bind(key)
-            child.inc()
-            self._observe(seconds)
+            bound = self._children.get(key)
+            if bound is None:
+                bound = self._bind(key)
+            values, refusals = bound
+            counts = self.request_counts
+            counts[values] = counts.get(values, 0) + 1
+            if refusals is not None:
+                refusals.inc()
+            self.latency_counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # le: the first bound >= seconds
+            self.latency_sum += seconds
         except Exception:
             self._failure()
 
@@ -206,18 +208,18 @@ class Metrics:
         except Exception:
             self._failure()
 
-    def _bind(self, key: tuple[Any, ...]) -> Any:
-        """The counter child for a decision's labels; kept only when every label is its own value,
-        so that names made up by callers (all "-") never grow the cache."""
+    def _bind(self, key: tuple[Any, ...]) -> tuple[tuple[str, ...], Any]:
+        """A decision's label values, and the rate limit refusals child it also counts in (or
+        None); kept only when every label is its own value, so that names made up by callers
+        (all "-") never grow the cache."""
         route, environment, decision, reason, report_only = key
         report = "true" if report_only else "false"
         labels = (self._route(route), self._environment(environment), *self._fixed(decision, reason), report)
-        child = self.requests.labels(*labels)
-        if reason == RATE_LIMITED:  # also a rate limit refusal: both counted by the one cached object
-            child = _Both(child, self.rate_limit_refusals.labels(labels[0], labels[1], report))
+        refusals = self.rate_limit_refusals.labels(labels[0], labels[1], report) if reason == RATE_LIMITED else None
+        bound = (labels, refusals)
         if (route or UNKNOWN) == labels[0] and (environment or UNKNOWN) == labels[1]:
-            self._children[key] = child
-        return child
+            self._children[key] = bound
+        return bound
 
     def _route(self, name: str | None) -> str:
         return name if name in self._routes else UNKNOWN
@@ -235,16 +237,43 @@ class Metrics:
             logger.warning("knoxcall: updating a metric failed (decisions are not affected)", exc_info=True)
 
 
-@dataclass(frozen=True)
-class _Both:
-    """Two counter children incremented as one (a request refused by a rate limit)."""
+class RequestCollector:
+    """knoxcall_requests and knoxcall_decision_duration_seconds, from `Metrics`' plain counts.
 
-    first: Any
-    second: Any
+    Read in the scrape's thread while the event loop counts: each is copied in one step
+    (``dict(...)``, ``list(...)``: no Python code runs meanwhile, so the GIL is not let go).
+    """
 
-    def inc(self) -> None:
-        self.first.inc()
-        self.second.inc()
+    REQUEST_LABELS = ("route", "environment", "decision", "reason", "report_only")
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families({}, [0] * (len(LATENCY_BUCKETS) + 1), 0.0)
+
+    def collect(self) -> Iterable[Metric]:
+        metrics = self.metrics
+        return self._families(dict(metrics.request_counts), list(metrics.latency_counts), metrics.latency_sum)
+
+    def _families(self, counts: dict[tuple[str, ...], int], latency: list[int], total: float) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "knoxcall_requests",
+            "HTTP requests decided, by route, environment, decision and reason (- for a route or environment "
+            "not in the config); report_only=true: let through in report mode, refused once enforced",
+            labels=self.REQUEST_LABELS,
+        )
+        for values, count in counts.items():
+            requests.add_metric(values, count)
+        cumulative = list(itertools.accumulate(latency))
+        buckets = [(floatToGoString(bound), count) for bound, count in zip(LATENCY_BUCKETS, cumulative, strict=False)]
+        yield requests
+        yield HistogramMetricFamily(
+            "knoxcall_decision_duration_seconds",
+            "Time KnoxCall took to decide an HTTP request (reading it, deciding, preparing it for upstream)",
+            buckets=[*buckets, ("+Inf", cumulative[-1])],
+            sum_value=total,
+        )
 
 
 class StateCollector:

@@ -273,3 +273,36 @@ def test_the_addon_counts_nothing_with_the_option_off_and_refuses_bad_values(mak
         assert addon.metrics is None and metrics._active is None
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.2:{port}/healthz")
+
+
+def test_the_latency_histogram_is_what_prometheus_clients_histogram_serves(make_config) -> None:
+    """The plain counts (RequestCollector) against prometheus_client's own Histogram, fed the same
+    values: bounds themselves, between them, past the last one, zero."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from knoxcall_addon.metrics import LATENCY_BUCKETS
+
+    policy = load_policy(make_config(**{"k.yaml": CONFIG}))
+    counted = Metrics()
+    counted.policy_installed(policy)
+    reference_registry = CollectorRegistry()
+    reference = Histogram(
+        "knoxcall_decision_duration_seconds", "x", buckets=LATENCY_BUCKETS, registry=reference_registry
+    )
+    decision = decide(policy, RequestFacts(peer="127.0.0.9", route="api"))
+    values = [0.0, *LATENCY_BUCKETS, *(b * 1.5 for b in LATENCY_BUCKETS), 7.0, 0.000_012_5]
+    for seconds in values:
+        counted.request_decided(decision, seconds)
+        reference.observe(seconds)
+    text = generate_latest(reference_registry).decode()
+    expected = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if not s.name.endswith("_created")
+    }
+    for (name, label_items), value in expected.items():
+        assert samples_of(counted, name)[label_items] == pytest.approx(value), (name, label_items)
+    assert samples_of(counted, "knoxcall_requests_total") == {
+        labels("api", "production", "allowed", "client"): len(values)
+    }
