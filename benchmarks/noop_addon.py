@@ -7,7 +7,8 @@ has the same tree as ``knoxcall_addon/addon.py``'s ``addons``: one object per ad
 per sub-addon, nested the same way) with a do-nothing method for each event hook that
 addon has. KnoxCall's guard (launchguard.LaunchGuard) is not mirrored: it leaves
 mitmproxy's hook chain once KnoxCall has a policy in force, so it costs a running proxy
-nothing.
+nothing. Like KnoxCall's, the hooks are put on mitmproxy's Script node once running
+(hooktable.flatten), so that the mirror is charged what KnoxCall is charged.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import mitmproxy.proxy.layers  # noqa: F401  (defines the HTTP, TCP, ... events:
 from mitmproxy import hooks
 
 from knoxcall_addon import addon as knoxcall_script
+from knoxcall_addon import hooktable
 
 
 def _nothing(self: Any, *args: Any) -> None:
@@ -41,5 +43,11 @@ def _module_nothing(*args: Any) -> None:
 for _name in hooks.all_hooks:
     if callable(getattr(knoxcall_script, _name, None)):
         globals()[_name] = _module_nothing
+
+
+def running() -> None:
+    hooktable.flatten(globals())
+
+
 if hasattr(knoxcall_script, "addons"):
     addons = [mirror(a) for a in knoxcall_script.addons]

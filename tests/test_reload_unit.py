@@ -635,3 +635,24 @@ def test_the_replaced_policy_is_freed_off_the_loop_and_its_memory_released(tmp_p
     assert released and released[0].startswith("knoxcall")
     assert old() is None
     assert freed_in and freed_in[0].startswith("knoxcall")  # the watcher's thread, not the loop's
+
+
+def test_after_a_load_the_full_collection_comes_at_once_not_at_a_later_request():
+    """release_free_memory runs the collector's full pass (generation 2), which the load's
+    surviving objects would otherwise set off at some request a few hundred requests later."""
+    import gc
+
+    from knoxcall_addon import reloader
+
+    generations: list[int] = []
+
+    def seen(phase: str, info: dict) -> None:
+        if phase == "start":
+            generations.append(info["generation"])
+
+    gc.callbacks.append(seen)
+    try:
+        reloader.release_free_memory()
+    finally:
+        gc.callbacks.remove(seen)
+    assert 2 in generations
