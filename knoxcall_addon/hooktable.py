@@ -24,6 +24,7 @@ collects them there), and ``ctx.master.addons.get("knoxcall")`` and
 
 from __future__ import annotations
 
+import logging
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -33,6 +34,8 @@ from mitmproxy.addons import script as mitmproxy_script
 
 from knoxcall_addon.connectivity import ConnectivityMonitor
 from knoxcall_addon.proxy_addon import KnoxCall
+
+logger = logging.getLogger("knoxcall")
 
 LIFECYCLE = ("load", "configure", "running", "done")
 LOOKUP_NAMES = ("knoxcall", "connectivitymonitor")  # as mitmproxy named the two addons
@@ -146,11 +149,19 @@ def flatten(namespace: MutableMapping[str, Any]) -> bool:
         node.__dict__[LEAVING] = True
         module_done()
 
-    for name in names:
-        setattr(node, name, namespace[name])
-    node.done = done
-    node.__dict__[FLAT_MARK] = names
-    node.__class__ = FlatScript
+    try:
+        for name in names:
+            setattr(node, name, namespace[name])
+        node.done = done
+        node.__dict__[FLAT_MARK] = names
+        node.__class__ = FlatScript
+    except Exception:  # never half done: hooks on both the node and the module would run twice
+        for name in [*names, FLAT_MARK]:
+            node.__dict__.pop(name, None)
+        node.__class__ = mitmproxy_script.Script
+        logger.warning("knoxcall: could not put the hooks on mitmproxy's script node; they stay on the module",
+                       exc_info=True)  # fmt: skip
+        return False
     return True
 
 

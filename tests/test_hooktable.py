@@ -198,3 +198,28 @@ def test_a_node_that_is_not_mitmproxys_plain_script_is_left_as_it_is(config_dir)
             assert flow.metadata["knoxcall"]["decision"] == "allowed", flow.metadata["knoxcall"]
 
     in_loop(scenario)
+
+
+def test_a_flattening_that_fails_half_way_leaves_the_node_as_it_was(config_dir, monkeypatch) -> None:  # noqa: F811
+    """Hooks on both the node and the module would run twice per event: all or nothing."""
+
+    def scenario() -> None:
+        with taddons.context(mitmproxy_script.ScriptLoader()) as context:
+            node = loaded_script_node(context, config_dir)
+            original_setattr = mitmproxy_script.Script.__setattr__
+
+            def refuse_done(self: Any, name: str, value: Any) -> None:
+                if name == "done":
+                    raise RuntimeError("refused on purpose")
+                original_setattr(self, name, value)
+
+            monkeypatch.setattr(mitmproxy_script.Script, "__setattr__", refuse_done, raising=False)
+            context.master.addons.trigger(hooks.RunningHook())
+            monkeypatch.undo()
+            assert type(node) is mitmproxy_script.Script and list(addonmanager.traverse([node])) == [node, node.ns]
+            assert not any(name in vars(node) for name in ("requestheaders", "response", hooktable.FLAT_MARK))
+            flow = make_flow()
+            context.master.addons.trigger(hooks.all_hooks["requestheaders"](flow))
+            assert flow.metadata["knoxcall"]["decision"] == "allowed"
+
+    in_loop(scenario)
