@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import yaml
 
 from knoxcall_addon.lint import lint
 from knoxcall_addon.policy import load_policy
-from tests.harness import BIN, ROOT, free_port
+from tests.harness import BIN, ROOT, free_port, port_free
 from tests.redisserver import RedisServer
 
 DEPLOY = ROOT / "deploy"
@@ -94,7 +93,8 @@ def test_the_systemd_unit_starts_a_worker_that_is_ready_and_drains_on_sigterm(tm
     config.mkdir()
     text = (DEPLOY / "config" / "knoxcall.yaml").read_text()
     (config / "knoxcall.yaml").write_text(re.sub(r"rate_limit_store: \S+", "rate_limit_store: memory", text))
-    port = next(p for p in (free_port() for _ in range(50)) if p < 64000 and _bindable(p + 1000))
+    # the unit puts the metrics port at the port + 1000: that one must be free too
+    port = next(p for p in (free_port() for _ in range(50)) if p < 64000 and port_free(p + 1000))
     command = unit_command(
         port,
         {
@@ -128,16 +128,6 @@ def test_the_systemd_unit_starts_a_worker_that_is_ready_and_drains_on_sigterm(tm
     finally:
         stop(process, signal.SIGINT, 10)
     assert (tmp_path / f"access-{port}.jsonl").read_text().count('"route_not_found"') == 1
-
-
-def _bindable(port: int) -> bool:
-    """Whether the metrics port of an instance is free (the unit puts it at the port + 1000)."""
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 # -- Kubernetes ---------------------------------------------------------------------------------------

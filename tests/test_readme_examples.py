@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import ROOT
+from tests.harness import ROOT, port_free
 
 README = ROOT / "README.md"
 MARKER = re.compile(r"<!-- readme-example: (\S+) -->\n```sh\n(.*?)```", re.S)
@@ -34,15 +34,6 @@ def examples() -> dict[str, list[str]]:
 
 def test_the_readme_has_its_examples() -> None:
     assert set(examples()) == {"reverse", "forward"}
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
@@ -83,7 +74,7 @@ def _port_of(command: str) -> int:
 
 @pytest.mark.parametrize("name", ["reverse", "forward"])
 def test_readme_example_works_as_written(name: str) -> None:
-    busy = [port for port in PORTS if not _port_free(port)]
+    busy = [port for port in PORTS if not port_free(port)]
     if busy:
         pytest.skip(f"the README's example ports {busy} are in use on this machine (stop what uses them)")
     lines = examples()[name]
