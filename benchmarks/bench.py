@@ -63,6 +63,7 @@ from benchmarks.configgen import (
 from benchmarks.scaleout import bench_scaleout, print_scaleout
 from knoxcall_addon.decision import RequestFacts, decide
 from knoxcall_addon.policy import Policy, forget_previous_load, load_policy
+from tests.harness import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "knoxcall_addon" / "addon.py"
@@ -150,16 +151,6 @@ def status_of(port: int, path: str = "/ready") -> int:
     return int(head[9:12])
 
 
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-
-
 @contextmanager
 def upstream_process() -> Iterator[int]:
     port = free_port()
@@ -170,7 +161,7 @@ def upstream_process() -> Iterator[int]:
         wait_port(port, proc)
         yield port
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 @contextmanager
@@ -202,7 +193,7 @@ def mitmdump(
             wait_answer(port, proc, timeout=120, ready=ready)  # the addon may still be loading its config
             yield port, proc.pid
         finally:
-            stop(proc)
+            stop_process(proc)
 
 
 def run_load(
@@ -553,7 +544,7 @@ def redis_process(work: Path) -> Iterator[str | None]:
         wait_port(port, proc)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 def limited_copy(large: Generated, folder: Path, store: str) -> Path:

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from tests.harness import BIN, ROOT, MitmDump, free_port
+from tests.harness import BIN, ROOT, MitmDump, free_port, stop_process
 
 SITE = ROOT / "deploy" / "nginx" / "knoxcall.conf"
 EXAMPLE_CONFIG = ROOT / "deploy" / "config"
@@ -125,13 +125,7 @@ class Nginx:
         return path.read_text("utf-8", "replace").splitlines() if path.exists() else []
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()  # nginx: fast shutdown
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process)  # SIGTERM: nginx's fast shutdown
 
     def __enter__(self) -> Nginx:
         return self.start()

@@ -47,6 +47,17 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
+def stop_process(process: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+    """Send ``sig`` to a process still running and wait ``timeout`` s; SIGKILL it if it is still there."""
+    if process and process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
 class _EchoHandler(EchoHandler):
     """`knoxcall echo`'s handler, quiet: the upstream of every end-to-end test."""
 
@@ -157,13 +168,7 @@ class MitmDump:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
         """Stop with ``sig`` (SIGTERM drains first, see drain.py; SIGINT stops at once) and wait."""
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process, sig, timeout)
         if hasattr(self, "_log"):
             self._log.close()
         return self.process.returncode if self.process else None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import free_port
+from tests.harness import free_port, stop_process
 
 INSTALL_HINT = "redis-server is not installed: apt-get install redis-server"
 
@@ -99,13 +99,7 @@ class RedisServer:
             self.process.wait(10)
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process)
 
     def __enter__(self) -> RedisServer:
         return self.start()
