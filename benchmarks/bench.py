@@ -63,7 +63,7 @@ from benchmarks.configgen import (
 from benchmarks.scaleout import bench_scaleout, print_scaleout
 from knoxcall_addon.decision import RequestFacts, decide
 from knoxcall_addon.policy import Policy, forget_previous_load, load_policy
-from tests.harness import stop_process
+from tests.harness import free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "knoxcall_addon" / "addon.py"
@@ -83,12 +83,6 @@ class Sizes:
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(sorted_values: list[int] | list[float], q: float) -> float:

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.harness import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 ROUTE_HEADER = "x-knoxcall-route"
@@ -63,12 +65,6 @@ class Variant:
     headers: dict[str, str] = field(default_factory=dict)  # extra request headers
     expect: int = 200  # the status every request must get
     python_args: list[str] = field(default_factory=list)  # e.g. -X perf (see profile.py)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Connection:
@@ -119,7 +115,7 @@ class Counted:
         hash_seed: int = 0,
     ) -> None:
         self.variant = variant
-        self.port = _free_port()
+        self.port = free_port()
         self.out_dir = work / f"callgrind-{re.sub(r'[^A-Za-z0-9_.-]', '-', variant.name)}"
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.out_dir / "mitmdump.log"
@@ -251,7 +247,7 @@ class Counted:
 @contextlib.contextmanager
 def _upstream() -> Iterator[int]:
     """The fixed-response upstream of loadgen.py, in its own (uncounted) process."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks.loadgen", "upstream", "--port", str(port)], cwd=ROOT,
                             stdout=subprocess.DEVNULL)  # fmt: skip
     try:
