@@ -63,7 +63,7 @@ from benchmarks.configgen import (
 from benchmarks.scaleout import bench_scaleout, print_scaleout
 from knoxcall_addon.decision import RequestFacts, decide
 from knoxcall_addon.policy import Policy, forget_previous_load, load_policy
-from tests.harness import free_port, stop_process
+from tests.harness import accepts, free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "knoxcall_addon" / "addon.py"
@@ -112,11 +112,9 @@ def wait_port(port: int, process: subprocess.Popen, timeout: float = 60) -> None
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"process exited with {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
+        if accepts("127.0.0.1", port):
+            return
+        time.sleep(0.05)
     raise RuntimeError(f"nothing listens on {port} after {timeout}s")
 
 

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from tests.harness import BIN, ROOT, MitmDump, free_port, stop_process
+from tests.harness import BIN, ROOT, MitmDump, accepts, free_port, stop_process
 
 SITE = ROOT / "deploy" / "nginx" / "knoxcall.conf"
 EXAMPLE_CONFIG = ROOT / "deploy" / "config"
@@ -108,11 +107,9 @@ class Nginx:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"nginx exited with {self.process.returncode}:\n{self.errors()}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.05)
+            if accepts(self.host, self.port):
+                return self
+            time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"nginx did not listen within {timeout}s:\n{self.errors()}")
 
@@ -224,14 +221,6 @@ def loopback_redis(config: Path) -> tuple[str, int, str | None] | None:
     return host, parts.port or 6379, parts.password
 
 
-def answers(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="scripts/run cluster",
@@ -255,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started: list[object] = []
     try:
         redis = loopback_redis(args.config)
-        if redis is not None and not answers(redis[0], redis[1]):
+        if redis is not None and not accepts(redis[0], redis[1]):
             if shutil.which("redis-server") is None:
                 print(f"knoxcall: the config names a Redis on {redis[0]}:{redis[1]}; {REDIS_HINT}", file=sys.stderr)
                 return 1
@@ -263,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             started.append(server)
             print(f"redis-server on 127.0.0.1:{redis[1]} (rate limits shared by the workers)")
         echo = None
-        if args.config == EXAMPLE_CONFIG and not answers("127.0.0.1", 9000):
+        if args.config == EXAMPLE_CONFIG and not accepts("127.0.0.1", 9000):
             echo = subprocess.Popen([str(BIN / "knoxcall"), "echo", "--port", "9000"], stdout=subprocess.DEVNULL)
             started.append(echo)
             print("knoxcall echo on 127.0.0.1:9000 (the example routes' target)")

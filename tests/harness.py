@@ -47,6 +47,15 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
+def accepts(host: str, port: int) -> bool:
+    """Whether something accepts a TCP connection on ``host``:``port`` now (0.5 s at most)."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def stop_process(process: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
     """Send ``sig`` to a process still running and wait ``timeout`` s; SIGKILL it if it is still there."""
     if process and process.poll() is None:
@@ -160,11 +169,7 @@ class MitmDump:
         raise RuntimeError(f"mitmdump did not start in {timeout}s:\n{self.log_text()}")
 
     def _accepts(self) -> bool:
-        try:
-            with socket.create_connection((self.listen_host, self.port), timeout=0.5):
-                return True
-        except OSError:
-            return False
+        return accepts(self.listen_host, self.port)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
         """Stop with ``sig`` (SIGTERM drains first, see drain.py; SIGINT stops at once) and wait."""

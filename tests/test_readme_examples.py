@@ -14,14 +14,13 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import ROOT, port_free
+from tests.harness import ROOT, accepts, port_free
 
 README = ROOT / "README.md"
 MARKER = re.compile(r"<!-- readme-example: (\S+) -->\n```sh\n(.*?)```", re.S)
@@ -40,7 +39,7 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float =
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, f"background command exited with {process.returncode}"
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        if accepts("127.0.0.1", port):
             return
         time.sleep(0.1)
     raise AssertionError(f"nothing listened on {port} within {timeout}s")
