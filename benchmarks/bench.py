@@ -215,14 +215,21 @@ def measured_run(
     return run
 
 
-def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The rounds of one variant: medians, and requests/s per round."""
+def load_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rounds of one variant as run_load measured them: medians, and requests/s per round."""
     return {
         "rps_per_round": [round(r["rps"]) for r in runs],
         "rps": round(statistics.median(r["rps"] for r in runs)),
         "p50_ms": round(statistics.median(r["p50_ms"] for r in runs), 3),
         "p99_ms": round(statistics.median(r["p99_ms"] for r in runs), 3),
         "errors": sum(r["error_count"] for r in runs),
+    }
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rounds of one variant (measured_run): load_summary, and mitmdump's median CPU per request."""
+    return {
+        **load_summary(runs),
         "cpu_us_per_request": round(statistics.median(r["cpu_us_per_request"] for r in runs), 1),
     }
 

@@ -83,7 +83,7 @@ def bench_scaleout(large: Generated, work: Path, quick: bool, connections: int, 
                 )
                 run["nginx_cpu_us_per_request"] = (_nginx_cpu(helpers, nginx_pids[name]) - nginx_cpu) * 1e6 / total
                 runs[name].append(run)
-        result.update(_summaries(runs))
+        result.update(_summaries(helpers, runs))
         result["edit_to_every_worker_s"] = _edit_propagation(folder, metrics_ports, 3 if quick else 6)
         # the same with a small config: what is left is the watcher's debounce and the scrape
         small = work / "scaleout-small"
@@ -97,15 +97,11 @@ def bench_scaleout(large: Generated, work: Path, quick: bool, connections: int, 
     return result
 
 
-def _summaries(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def _summaries(helpers: Any, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, rs in runs.items():
         out[name] = {
-            "rps_per_round": [round(r["rps"]) for r in rs],
-            "rps": round(statistics.median(r["rps"] for r in rs)),
-            "p50_ms": round(statistics.median(r["p50_ms"] for r in rs), 3),
-            "p99_ms": round(statistics.median(r["p99_ms"] for r in rs), 3),
-            "errors": sum(r["error_count"] for r in rs),
+            **helpers.load_summary(rs),
             "workers_cpu_us_per_request": round(statistics.median(r["workers_cpu_us_per_request"] for r in rs), 1),
             "nginx_cpu_us_per_request": round(statistics.median(r["nginx_cpu_us_per_request"] for r in rs), 1),
             "loadgen_cpu_us_per_request": round(statistics.median(r["loadgen_cpu_us_per_request"] for r in rs), 1),
