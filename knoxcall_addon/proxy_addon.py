@@ -412,9 +412,11 @@ class KnoxCall(ConnectionHooks):
         line = self._log_decision(decision, request_id)
         self._annotate(flow, decision, meta, line)
         self._pending.add(flow.id)  # decided, not yet answered: access log, drain
-        if not decision.allowed and answer:
-            forget_key(request)
-            self._refuse_request(flow, denial_response(decision, request_id, request.method))
+        if not decision.allowed:
+            if answer:
+                self._refuse_request(flow, denial_response(decision, request_id, request.method))
+            else:  # (a request that ended: nothing to answer, but its key must not stay on the flow)
+                forget_key(request)
 
     def _refuse_request(self, flow: http.HTTPFlow, response: http.Response) -> None:
         """Answer a refused request with ``response``, or close it when that cannot be done.
@@ -422,8 +424,10 @@ class KnoxCall(ConnectionHooks):
         stream_large_bodies: mitmproxy streams this body (or will, once a chunked body of
         unknown size grows past the limit) and cannot also answer the request: it raises,
         and the caller hangs with no answer at all. Close the connection instead; nothing
-        goes upstream either way.
+        goes upstream either way. Its API key header goes (see forget_key): every refusal of a
+        request passes here, also one refused for an error before it was decided.
         """
+        forget_key(flow.request)
         flow.marked = DENIED_MARKER
         may_stream = flow.request.stream or (self.streaming_bodies and body_size_unknown(flow.request))
         if may_stream and flow.killable:

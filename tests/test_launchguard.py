@@ -170,6 +170,17 @@ def test_guard_refuses_http_with_503_json_and_marks_the_flow() -> None:
         assert streamed.response is None and killed(streamed)
 
 
+def test_guard_removes_the_api_key_of_a_refused_request() -> None:
+    """mitmweb and saved flows would show the key of a request the guard refused."""
+    with taddons.context(proxyserver.Proxyserver()) as context:
+        guard = launchguard.guard_of(context.master)
+        flow = tflow.tflow()
+        flow.request.headers["x-knoxcall-key"] = "guard-unit-secret"
+        guard.requestheaders(flow)
+        assert flow.response is not None and flow.response.status_code == 503
+        assert "x-knoxcall-key" not in flow.request.headers
+
+
 def test_guard_refuses_raw_flows_dns_connections_and_upstreams() -> None:
     with taddons.context() as context:
         guard = launchguard.guard_of(context.master)
