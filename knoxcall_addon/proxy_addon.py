@@ -73,7 +73,8 @@ class KnoxCall(ConnectionHooks):
         self.limiter = RateLimiter()  # rate limits: the store and its buckets outlive reloads
         self.metrics_server: metrics.MetricsServer | None = None  # knoxcall_metrics
         self.metrics: metrics.Metrics | None = None  # its counters; None when off: then nothing is counted
-        self.drain = Drain(lambda: len(self._pending))  # graceful stop on SIGTERM (drain.py)
+        # graceful stop on SIGTERM (drain.py); in flight: decided, or waiting for the body to check its signature
+        self.drain = Drain(lambda: len(self._pending) + len(self._awaiting_body))
         # signed routes: flows decided, their signature checked once the body is in (the `request` hook)
         self._awaiting_body: dict[str, tuple[Decision, dict[str, Any] | None, Policy, tuple[Any, ...]]] = {}
 

@@ -81,6 +81,7 @@ def test_decided_at_the_headers_checked_at_the_body_then_forwarded(addon, values
     flow = signed_flow(values["sign"])
     addon.requestheaders(flow)
     assert flow.response is None and flow.request.host == "api.example.com"  # nothing forwarded yet
+    assert addon.drain.in_flight() == 1  # a drain waits for its body too
     assert flow.metadata[METADATA_KEY]["signature"] == "pending"
     addon.request(flow)
     assert flow.response is None
@@ -89,6 +90,7 @@ def test_decided_at_the_headers_checked_at_the_body_then_forwarded(addon, values
     assert flow.request.headers["authorization"] == "Bearer {{secret:token}}"
     assert injection.is_armed(flow.request)
     assert flow.metadata[METADATA_KEY]["decision"] == "allowed" and "signature" not in flow.metadata[METADATA_KEY]
+    assert addon.drain.in_flight() == 1  # (now decided: until its response)
     addon.responseheaders(flow)  # (no response yet in a test flow: only the disarm matters)
     assert not injection.is_armed(flow.request)
 
