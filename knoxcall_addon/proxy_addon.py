@@ -500,11 +500,10 @@ class KnoxCall(ConnectionHooks):
     def _log_decision(self, decision: Decision, request_id: str) -> str:
         return log_decision(decision, request_id)
 
-    def _annotate(self, flow: Any, decision: Decision, meta: dict[str, Any], line: str | None = None) -> None:
-        """What mitmweb shows: the comment, a mark on denials, and the metadata."""
+    def _annotate(self, flow: Any, decision: Decision, meta: dict[str, Any], line: str) -> None:
+        """What mitmweb shows: the comment (from ``line``, the decision's log line), a mark on
+        denials, and the metadata."""
         flow.metadata[METADATA_KEY] = meta
-        if line is None:
-            line = f"{decision.summary()} id={meta['request_id']}"
         flow.comment = flow_comment(decision, line)
         if not decision.allowed:
             flow.marked = DENIED_MARKER
