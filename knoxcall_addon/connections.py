@@ -94,11 +94,11 @@ class ConnectionHooks:
             self._decide_connect(flow)
 
     def _decide_connect(self, flow: http.HTTPFlow) -> None:
-        decision, meta = self._decide_connection(
+        decision, meta, line = self._decide_connection(
             peer_host(flow), flow.request.pretty_host, "CONNECT", tunnel=True
         )
         meta["status"] = 200 if decision.allowed else decision.status
-        self._annotate(flow, decision, meta)
+        self._annotate(flow, decision, meta, line)
         self._write_access_log(meta)
         if not decision.allowed:
             flow.response = denial_response(decision, meta["request_id"])
@@ -117,7 +117,7 @@ class ConnectionHooks:
     def _decide_client(self, client: connection.Client) -> None:
         mode = client.proxy_mode
         assert isinstance(mode, mode_specs.ReverseMode)
-        decision, meta = self._decide_connection(str(client.peername[0]), mode.address[0], None, tunnel=False)
+        decision, meta, _ = self._decide_connection(str(client.peername[0]), mode.address[0], None, tunnel=False)
         self._write_access_log(meta)
         if not decision.allowed:
             client.error = f"knoxcall: connection refused ({decision.reason})"
@@ -157,8 +157,8 @@ class ConnectionHooks:
             self._decide_dns(flow)
 
     def _decide_dns(self, flow: dns.DNSFlow) -> None:
-        decision, meta = self._decide_connection(peer_host(flow), None, "DNS", tunnel=False)
-        self._annotate(flow, decision, meta)
+        decision, meta, line = self._decide_connection(peer_host(flow), None, "DNS", tunnel=False)
+        self._annotate(flow, decision, meta, line)
         self._write_access_log(meta)
         if not decision.allowed:
             flow.response = refused_dns(flow)
@@ -171,8 +171,8 @@ class ConnectionHooks:
         if flow.client_conn.id in self._refused or decided_at_connect(flow.client_conn):
             return
         host = str(flow.server_conn.address[0]) if flow.server_conn.address else None
-        decision, meta = self._decide_connection(peer_host(flow), host, None, tunnel=False, raw=True)
-        self._annotate(flow, decision, meta)
+        decision, meta, line = self._decide_connection(peer_host(flow), host, None, tunnel=False, raw=True)
+        self._annotate(flow, decision, meta, line)
         self._write_access_log(meta)
         if not decision.allowed:
             self._refuse_raw(flow)
@@ -185,8 +185,10 @@ class ConnectionHooks:
 
     def _decide_connection(
         self, peer: str, host: str | None, method: str | None, *, tunnel: bool, raw: bool = False
-    ) -> tuple[Decision, dict[str, Any]]:
-        """Decide a connection that carries no request we can read; log the decision."""
+    ) -> tuple[Decision, dict[str, Any], str]:
+        """Decide a connection that carries no request we can read; log the decision.
+
+        Returns the decision, the flow's metadata and the log line (the flow's comment too)."""
         request_id = new_request_id()
         try:
             policy = self._policy()
@@ -203,8 +205,8 @@ class ConnectionHooks:
             "status": None,  # a raw connection has no status; "decision" says it all
             "ts": utc_timestamp(time.time()),
         }
-        self._log_decision(decision, request_id)
+        line = self._log_decision(decision, request_id)
         if self.metrics is not None:
             self.metrics.connection_decided(decision, metrics.connection_kind(tunnel, raw, method))
-        return decision, meta
+        return decision, meta, line
 

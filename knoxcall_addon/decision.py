@@ -271,7 +271,8 @@ def decide_values(
     """``decide(policy, request_facts_of(...))``, without making the facts for a remembered
     decision (the proxy's way: a third of what reading a request cost was making them)."""
     if route is not None and api_key is None:
-        key = (peer, method, host, route, environment, forwarded_for, other_hosts, bad_authority)
+        key: tuple[object, ...] | None = (peer, method, host, route, environment, forwarded_for, other_hosts,
+                                           bad_authority)  # fmt: skip
         known = policy.decisions.get(key)
         if known is not None and len(path) <= MAX_TARGET_LENGTH:
             # path_problem(path) is None: its usual case inline (no query: "?" is no plain character)
@@ -279,12 +280,11 @@ def decide_values(
                 return known
             if path_problem(path) is None:
                 return known
-        facts = request_facts_of(peer, method, host, path, route, environment, api_key, forwarded_for, other_hosts,
-                                 bad_authority)  # fmt: skip
-        return _remembered(policy, key, facts)
+    else:
+        key = None  # not to be remembered (see decide)
     facts = request_facts_of(peer, method, host, path, route, environment, api_key, forwarded_for, other_hosts,
                              bad_authority)  # fmt: skip
-    return decide_plain(policy, facts)
+    return decide_plain(policy, facts) if key is None else _remembered(policy, key, facts)
 
 
 def _remembered(policy: Policy, key: tuple[object, ...], facts: RequestFacts) -> Decision:

@@ -33,6 +33,9 @@ from mitmproxy.net.dns import response_codes
 from mitmproxy.proxy import mode_specs, server_hooks
 from mitmproxy.utils import typecheck
 
+from knoxcall_addon.canonical import printable
+from knoxcall_addon.replay import forget_key
+
 logger = logging.getLogger("knoxcall")
 
 GUARD_NAME = "knoxcall_guard"
@@ -157,9 +160,11 @@ class LaunchGuard:
     # -- internals -----------------------------------------------------------------------
 
     def _refuse_http(self, flow: http.HTTPFlow, what: str) -> None:
-        """A 503 JSON answer; a streamed body cannot be answered, so then the flow is killed."""
+        """A 503 JSON answer; a streamed body cannot be answered, so then the flow is killed.
+        Its API key header goes, as from every refused request (mitmweb would show it)."""
+        forget_key(flow.request)
         self._annotate(flow)
-        self._log(what, flow.client_conn.peername)
+        self._log(printable(what), flow.client_conn.peername)  # the caller's method, host and path
         if (flow.request.stream or getattr(ctx.options, "stream_large_bodies", None)) and flow.killable:
             flow.kill()
             return

@@ -73,7 +73,8 @@ class KnoxCall(ConnectionHooks):
         self.limiter = RateLimiter()  # rate limits: the store and its buckets outlive reloads
         self.metrics_server: metrics.MetricsServer | None = None  # knoxcall_metrics
         self.metrics: metrics.Metrics | None = None  # its counters; None when off: then nothing is counted
-        self.drain = Drain(lambda: len(self._pending))  # graceful stop on SIGTERM (drain.py)
+        # graceful stop on SIGTERM (drain.py); in flight: decided, or waiting for the body to check its signature
+        self.drain = Drain(lambda: len(self._pending) + len(self._awaiting_body))
         # signed routes: flows decided, their signature checked once the body is in (the `request` hook)
         self._awaiting_body: dict[str, tuple[Decision, dict[str, Any] | None, Policy, tuple[Any, ...]]] = {}
 
@@ -412,9 +413,11 @@ class KnoxCall(ConnectionHooks):
         line = self._log_decision(decision, request_id)
         self._annotate(flow, decision, meta, line)
         self._pending.add(flow.id)  # decided, not yet answered: access log, drain
-        if not decision.allowed and answer:
-            forget_key(request)
-            self._refuse_request(flow, denial_response(decision, request_id, request.method))
+        if not decision.allowed:
+            if answer:
+                self._refuse_request(flow, denial_response(decision, request_id, request.method))
+            else:  # (a request that ended: nothing to answer, but its key must not stay on the flow)
+                forget_key(request)
 
     def _refuse_request(self, flow: http.HTTPFlow, response: http.Response) -> None:
         """Answer a refused request with ``response``, or close it when that cannot be done.
@@ -422,8 +425,10 @@ class KnoxCall(ConnectionHooks):
         stream_large_bodies: mitmproxy streams this body (or will, once a chunked body of
         unknown size grows past the limit) and cannot also answer the request: it raises,
         and the caller hangs with no answer at all. Close the connection instead; nothing
-        goes upstream either way.
+        goes upstream either way. Its API key header goes (see forget_key): every refusal of a
+        request passes here, also one refused for an error before it was decided.
         """
+        forget_key(flow.request)
         flow.marked = DENIED_MARKER
         may_stream = flow.request.stream or (self.streaming_bodies and body_size_unknown(flow.request))
         if may_stream and flow.killable:
@@ -495,11 +500,10 @@ class KnoxCall(ConnectionHooks):
     def _log_decision(self, decision: Decision, request_id: str) -> str:
         return log_decision(decision, request_id)
 
-    def _annotate(self, flow: Any, decision: Decision, meta: dict[str, Any], line: str | None = None) -> None:
-        """What mitmweb shows: the comment, a mark on denials, and the metadata."""
+    def _annotate(self, flow: Any, decision: Decision, meta: dict[str, Any], line: str) -> None:
+        """What mitmweb shows: the comment (from ``line``, the decision's log line), a mark on
+        denials, and the metadata."""
         flow.metadata[METADATA_KEY] = meta
-        if line is None:
-            line = f"{decision.summary()} id={meta['request_id']}"
         flow.comment = flow_comment(decision, line)
         if not decision.allowed:
             flow.marked = DENIED_MARKER

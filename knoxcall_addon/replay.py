@@ -36,6 +36,8 @@ def restore(flow: http.HTTPFlow, peer: str) -> None:
     """Put a replayed request back as the caller sent it, so that it is decided again like the
     original (on the policy in force now). Raises ValueError on a kept value of the wrong
     shape (a crafted flow file): the request is then refused, never decided half-restored."""
+    headers = flow.request.headers
+    headers.pop(KEY_HEADER, None)  # never from a flow (kept or not): a replay proves no key
     kept: Any = flow.metadata.pop(REPLAY_KEY, None)
     if kept is None:
         return
@@ -45,8 +47,6 @@ def restore(flow: http.HTTPFlow, peer: str) -> None:
         request.scheme, request.host, request.port, request.path, host_header = target
         if host_header is not None:
             request.host_header = host_header
-    headers = request.headers
-    headers.pop(KEY_HEADER, None)  # never from a flow: a replay proves no key
     for name, value in ((ROUTE_HEADER, route), (ENVIRONMENT_HEADER, environment)):
         if value is not None:
             headers[name] = value

@@ -384,6 +384,17 @@ def test_a_replayed_flow_is_decided_again(tctx) -> None:
     assert flow.response is not None and flow.response.status_code == 403
 
 
+def test_a_replay_without_knoxcalls_replay_information_proves_no_key(tctx) -> None:
+    """A replayed flow KnoxCall never forwarded (e.g. a flow file from elsewhere) is decided
+    without the key it carries, as every replay (replay.py)."""
+    addon, _ = tctx
+    flow = make_flow(headers=[("x-knoxcall-key", LIVE_KEY)])
+    flow.is_replay = "request"
+    addon.requestheaders(flow)
+    assert flow.response is None and flow.metadata["knoxcall"]["reason"] == "client"
+    assert flow.metadata["knoxcall"]["api_key"] is None
+
+
 # -- peers -------------------------------------------------------------------------------
 
 

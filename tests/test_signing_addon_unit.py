@@ -3,6 +3,7 @@ and never forwarded unchecked (a lost check, a flow that ends early)."""
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from collections.abc import Iterator
@@ -80,6 +81,7 @@ def test_decided_at_the_headers_checked_at_the_body_then_forwarded(addon, values
     flow = signed_flow(values["sign"])
     addon.requestheaders(flow)
     assert flow.response is None and flow.request.host == "api.example.com"  # nothing forwarded yet
+    assert addon.drain.in_flight() == 1  # a drain waits for its body too
     assert flow.metadata[METADATA_KEY]["signature"] == "pending"
     addon.request(flow)
     assert flow.response is None
@@ -88,6 +90,7 @@ def test_decided_at_the_headers_checked_at_the_body_then_forwarded(addon, values
     assert flow.request.headers["authorization"] == "Bearer {{secret:token}}"
     assert injection.is_armed(flow.request)
     assert flow.metadata[METADATA_KEY]["decision"] == "allowed" and "signature" not in flow.metadata[METADATA_KEY]
+    assert addon.drain.in_flight() == 1  # (now decided: until its response)
     addon.responseheaders(flow)  # (no response yet in a test flow: only the disarm matters)
     assert not injection.is_armed(flow.request)
 
@@ -125,3 +128,30 @@ def test_a_request_that_ends_before_its_body_is_logged_refused_and_not_answered(
     assert flow.response is None
     assert flow.metadata[METADATA_KEY]["reason"] == "signature_missing"
     assert addon._awaiting_body == {}
+
+
+KEY = "signing-unit-key"
+
+
+def test_a_refused_signed_request_keeps_no_api_key_on_the_flow(tmp_path, values):
+    """Decided at the headers (the key still on the request), then refused without an answer
+    (it ended) or for an error: the flow keeps no key, as any refused request (replay.forget_key)."""
+    keys = f'api_keys:\n  - name: live\n    key_sha256: "{hashlib.sha256(KEY.encode()).hexdigest()}"\n'
+    (tmp_path / "knoxcall.yaml").write_text(CONFIG + keys)
+    for addon in addon_for(tmp_path):
+        ended = signed_flow(values["sign"])
+        ended.request.headers["x-knoxcall-key"] = KEY
+        addon.requestheaders(ended)
+        assert ended.metadata[METADATA_KEY]["signature"] == "pending" and "x-knoxcall-key" in ended.request.headers
+        ended.error = tflow.terr()
+        addon.error(ended)
+        assert ended.response is None and ended.metadata[METADATA_KEY]["reason"] == "signature_missing"
+        assert "x-knoxcall-key" not in ended.request.headers
+
+        lost = signed_flow(values["sign"])
+        lost.request.headers["x-knoxcall-key"] = KEY
+        addon.requestheaders(lost)
+        addon._awaiting_body.clear()  # as after a script reload: refused for an internal error
+        addon.request(lost)
+        assert lost.response is not None and lost.response.status_code == 500
+        assert "x-knoxcall-key" not in lost.request.headers
