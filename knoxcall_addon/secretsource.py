@@ -18,7 +18,7 @@ import os
 import re
 import stat
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
@@ -468,12 +468,13 @@ class Injection:
 
     ``fields`` are what the flow shows (the values as written, placeholders in place of
     secrets); ``wire`` pairs, per field holding a placeholder, its lower-case name and shown
-    value with the real value that only the upstream receives.
+    value with the real value that only the upstream receives (never in the repr: a log line,
+    an assertion's message or a traceback that shows an Injection shows no secret).
     """
 
     names: frozenset[bytes]  # lower-case names: the caller's fields of these names are replaced
     fields: tuple[tuple[bytes, bytes], ...]
-    wire: tuple[tuple[bytes, bytes, bytes], ...]
+    wire: tuple[tuple[bytes, bytes, bytes], ...] = field(repr=False)
 
 
 def compile_injections(config: Config) -> dict[tuple[str, str], Injection]:

@@ -182,6 +182,16 @@ def test_nothing_shows_a_value_check_shows_a_fingerprint(tmp_path, token, capsys
     assert token not in text and "from-the-file" not in text
 
 
+def test_a_compiled_injection_shows_no_value(tmp_path, token):
+    """An Injection holds the real values for the wire: its repr (a log line, an assertion's
+    message, a traceback) shows the placeholders only."""
+    policy = load_policy(folder_with(tmp_path, SECRETS, ROUTE))
+    found = policy.injections[("partner", "production")]
+    assert token.encode() in b"".join(value for _, _, value in found.wire)
+    assert token not in repr(found) and token not in repr(policy.injections)
+    assert "{{secret:partner_token}}" in repr(found)
+
+
 def _policy(tmp_path: Path, token: str) -> Policy:
     return load_policy(folder_with(tmp_path, SECRETS, ROUTE))
 
