@@ -485,11 +485,11 @@ class _Builder:
             self.check_keys(override, OVERRIDE_KEYS, f"{what} environment {shown(env_name)}")
             label = f"{what} ({cut(env_name)})"
             overrides[env_name] = RouteOverride(
-                target_base_url=self._target(override, f"{what} ({cut(env_name)})"),
-                allowed_methods=self._methods(override, f"{what} ({cut(env_name)})"),
-                rate_limit=self.rate_limit(override, "rate_limit", f"{what} ({cut(env_name)})", True),
-                client_rate_limit=self.rate_limit(override, "client_rate_limit", f"{what} ({cut(env_name)})", True),
-                mode=self._mode(override, f"{what} ({cut(env_name)})"),
+                target_base_url=self._target(override, label),
+                allowed_methods=self._methods(override, label),
+                rate_limit=self.rate_limit(override, "rate_limit", label, True),
+                client_rate_limit=self.rate_limit(override, "client_rate_limit", label, True),
+                mode=self._mode(override, label),
                 inject_headers=self.checked(secretsource.read_inject_headers(override, label, allow_false=True)),
             )
         return Route(
