@@ -23,7 +23,18 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
-from knoxcall_addon.model import Config, Location, Problem, Route, Secret, SecretSource, SecretValues, cut, shown
+from knoxcall_addon.model import (
+    Config,
+    Location,
+    Problem,
+    Route,
+    Secret,
+    SecretSource,
+    SecretValues,
+    cut,
+    shown,
+    suggest,
+)
 from knoxcall_addon.rateconfig import store_url_problem
 from knoxcall_addon.yamlsource import LocatedDict, LocatedList
 
@@ -404,7 +415,7 @@ def use_problems(config: Config, store_where: Location | None = None) -> list[Pr
                 for name in PLACEHOLDER.findall(template):
                     if name not in secrets:
                         add(route.location, f"route {route.name}: inject_headers {header} names unknown secret "
-                                            f"{shown(name)}{_suggest(name, secrets)}")  # fmt: skip
+                                            f"{shown(name)}{suggest(name, secrets)}")  # fmt: skip
                     elif route.enabled:
                         need(name, environment, f"route {route.name} inject_headers {header}", header=True)
     signed_envs = _signed_environments(config)
@@ -412,7 +423,7 @@ def use_problems(config: Config, store_where: Location | None = None) -> list[Pr
         for name in client.signing_secrets:
             if name not in secrets:
                 add(client.location, f"client {client.name}: signing_secrets names unknown secret "
-                                     f"{shown(name)}{_suggest(name, secrets)}")  # fmt: skip
+                                     f"{shown(name)}{suggest(name, secrets)}")  # fmt: skip
                 continue
             if client.enabled:
                 for environment in signed_envs.get(client.name, ()):
@@ -422,7 +433,7 @@ def use_problems(config: Config, store_where: Location | None = None) -> list[Pr
         where = store_where or Location(config.folder, 0)
         for name in PLACEHOLDER.findall(template):
             if name not in secrets:
-                add(where, f"settings.rate_limit_store names unknown secret {shown(name)}{_suggest(name, secrets)}")
+                add(where, f"settings.rate_limit_store names unknown secret {shown(name)}{suggest(name, secrets)}")
             else:
                 need(name, config.settings.default_environment, "settings.rate_limit_store")
         if not problems and store_url_problem(store_url(config)):  # (never the URL with its secrets in it)
@@ -443,13 +454,6 @@ def _signed_environments(config: Config) -> dict[str, list[str]]:
             if assignment.environment not in envs:
                 envs.append(assignment.environment)
     return result
-
-
-def _suggest(name: str, known: Mapping[str, Any]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def value_for(config: Config, name: str, environment: str) -> str | None:
