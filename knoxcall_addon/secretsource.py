@@ -546,11 +546,9 @@ def secret_lines(config: Config) -> list[str]:
                 parts.append(f"{environment}: no source")
                 continue
             fingerprint = values.fingerprint(source)
-            state = (
-                f"sha256:{fingerprint}"
-                if fingerprint
-                else f"no value ({source.describe()} {values.why_missing(source)})"
-            )
-            parts.append(f"{environment}: {source.describe()} {state}" if fingerprint else f"{environment}: {state}")
+            if fingerprint:
+                parts.append(f"{environment}: {source.describe()} sha256:{fingerprint}")
+            else:
+                parts.append(f"{environment}: no value ({source.describe()} {values.why_missing(source)})")
         lines.append(f"secret {secret.name}: " + "; ".join(parts))
     return lines
