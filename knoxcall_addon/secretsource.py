@@ -25,6 +25,7 @@ from urllib.parse import quote
 
 from knoxcall_addon.model import (
     Config,
+    ConfigError,
     Location,
     Problem,
     Route,
@@ -501,9 +502,21 @@ def _injection(config: Config, route: Route, environment: str, injected: Mapping
         shown_value = template.encode("utf-8", "surrogateescape")
         fields.append((name.encode(), shown_value))
         if MARK in template:
-            values = {n: value_for(config, n, environment) or "" for n in PLACEHOLDER.findall(template)}
+            values = _values(config, template, environment)
             wire.append((name.lower().encode(), shown_value, fill(template, values).encode("utf-8", "surrogateescape")))
     return Injection(frozenset(n.lower() for n, _ in fields), tuple(fields), tuple(wire))
+
+
+def _values(config: Config, template: str, environment: str) -> dict[str, str]:
+    """The value in ``environment`` of each secret ``template`` names. One without a value (a
+    config `use_problems` did not check) is a ConfigError: never an empty value filled in."""
+    values: dict[str, str] = {}
+    for name in PLACEHOLDER.findall(template):
+        value = value_for(config, name, environment)
+        if value is None:
+            raise ConfigError([Problem(Location(config.folder, 0), f"secret {name} has no value in {environment}")])
+        values[name] = value
+    return values
 
 
 def store_url(config: Config) -> str:
@@ -514,8 +527,7 @@ def store_url(config: Config) -> str:
     template = config.settings.rate_limit_store
     if MARK not in template:
         return template
-    environment = config.settings.default_environment
-    values = {n: value_for(config, n, environment) or "" for n in PLACEHOLDER.findall(template)}
+    values = _values(config, template, config.settings.default_environment)
     whole = PLACEHOLDER.fullmatch(template) is not None
     return fill(template, values, encode=not whole)
 
