@@ -6,7 +6,6 @@ names file, line and what is wrong; nothing is guessed or silently dropped.
 
 from __future__ import annotations
 
-import difflib
 import os
 import posixpath
 import re
@@ -32,6 +31,7 @@ from knoxcall_addon.model import (
     Settings,
     cut,
     shown,
+    suggest,
 )
 from knoxcall_addon.networks import pack_networks, pack_plain_network
 from knoxcall_addon.rateconfig import RATE_LIMIT_SETTINGS, read_rate_limit, read_rate_limit_settings
@@ -112,11 +112,9 @@ class _Builder:
     def check_keys(self, mapping: LocatedDict, allowed: tuple[str, ...], what: str) -> None:
         for key in mapping:
             if key not in allowed:
-                hint = difflib.get_close_matches(str(key), allowed, n=1)
-                suggestion = f" (did you mean {shown(hint[0])}?)" if hint else ""
                 self.error(
                     mapping.where(key),
-                    f"unknown key {shown(key)} in {what}{suggestion}; allowed: {', '.join(allowed)}",
+                    f"unknown key {shown(key)} in {what}{suggest(key, allowed)}; allowed: {', '.join(allowed)}",
                 )
 
     def field(
@@ -271,9 +269,7 @@ class _Builder:
     def _settings(self, environments: dict[str, Environment]) -> Settings:
         for key, (_, where) in self.settings.items():
             if key not in SETTINGS_KEYS:
-                hint = difflib.get_close_matches(str(key), SETTINGS_KEYS, n=1)
-                suggestion = f" (did you mean {shown(hint[0])}?)" if hint else ""
-                self.error(where, f"unknown key {shown(key)} in settings{suggestion}")
+                self.error(where, f"unknown key {shown(key)} in settings{suggest(key, SETTINGS_KEYS)}")
         values = {k: v for k, (v, _) in self.settings.items()}
         where = {k: loc for k, (_, loc) in self.settings.items()}
         defaults = Settings()
@@ -485,11 +481,11 @@ class _Builder:
             self.check_keys(override, OVERRIDE_KEYS, f"{what} environment {shown(env_name)}")
             label = f"{what} ({cut(env_name)})"
             overrides[env_name] = RouteOverride(
-                target_base_url=self._target(override, f"{what} ({cut(env_name)})"),
-                allowed_methods=self._methods(override, f"{what} ({cut(env_name)})"),
-                rate_limit=self.rate_limit(override, "rate_limit", f"{what} ({cut(env_name)})", True),
-                client_rate_limit=self.rate_limit(override, "client_rate_limit", f"{what} ({cut(env_name)})", True),
-                mode=self._mode(override, f"{what} ({cut(env_name)})"),
+                target_base_url=self._target(override, label),
+                allowed_methods=self._methods(override, label),
+                rate_limit=self.rate_limit(override, "rate_limit", label, True),
+                client_rate_limit=self.rate_limit(override, "client_rate_limit", label, True),
+                mode=self._mode(override, label),
                 inject_headers=self.checked(secretsource.read_inject_headers(override, label, allow_false=True)),
             )
         return Route(
@@ -552,7 +548,7 @@ class _Builder:
         result: list[Assignment] = []
         for route_name, (per_env, where) in self.assignments.items():
             if route_name not in routes:
-                self.error(where, f"assignments: unknown route {shown(route_name)}{_suggest(route_name, routes)}")
+                self.error(where, f"assignments: unknown route {shown(route_name)}{suggest(route_name, routes)}")
                 continue
             if per_env is None:
                 continue
@@ -580,7 +576,7 @@ class _Builder:
                     elif client_name not in clients:
                         self.error(
                             client_where,
-                            f"{at}: unknown client {shown(client_name)}{_suggest(client_name, clients)}",
+                            f"{at}: unknown client {shown(client_name)}{suggest(client_name, clients)}",
                         )
                     elif client_name in chosen:
                         self.error(
@@ -604,7 +600,7 @@ def _one_or_list(value: Any, where: Location) -> list[tuple[Any, Location]] | No
 
 def _unknown_environment(name: Any, environments: dict[str, Environment]) -> str:
     """Why ``name`` is not an environment, with a near miss, or how to declare more."""
-    message = f"unknown environment {shown(name)}{_suggest(name, environments)}"
+    message = f"unknown environment {shown(name)}{suggest(name, environments)}"
     implicit = [e.name for e in environments.values() if e.implicit]
     if implicit:
         message += (
@@ -612,11 +608,6 @@ def _unknown_environment(name: Any, environments: dict[str, Environment]) -> str
             " list every environment under 'environments' to have more"
         )
     return message
-
-
-def _suggest(name: str, known: dict[str, Any]) -> str:
-    hint = difflib.get_close_matches(str(name), list(known), n=1)
-    return f" (did you mean {shown(hint[0])}?)" if hint else ""
 
 
 def _normal_prefix(prefix: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import ipaddress
 import itertools
@@ -95,6 +96,12 @@ def cut(text: object) -> str:
         return text
     half = MESSAGE_VALUE_LIMIT // 2
     return f"{text[:half]}...{text[-half:]}"
+
+
+def suggest(name: object, known: Iterable[str]) -> str:
+    """`` (did you mean 'X'?)`` for the known name closest to ``name``, or '' (none is close)."""
+    hint = difflib.get_close_matches(str(name), list(known), n=1)
+    return f" (did you mean {shown(hint[0])}?)" if hint else ""
 
 
 class ConfigError(Exception):

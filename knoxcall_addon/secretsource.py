@@ -18,12 +18,24 @@ import os
 import re
 import stat
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
-from knoxcall_addon.model import Config, Location, Problem, Route, Secret, SecretSource, SecretValues, cut, shown
+from knoxcall_addon.model import (
+    Config,
+    ConfigError,
+    Location,
+    Problem,
+    Route,
+    Secret,
+    SecretSource,
+    SecretValues,
+    cut,
+    shown,
+    suggest,
+)
 from knoxcall_addon.rateconfig import store_url_problem
 from knoxcall_addon.yamlsource import LocatedDict, LocatedList
 
@@ -404,7 +416,7 @@ def use_problems(config: Config, store_where: Location | None = None) -> list[Pr
                 for name in PLACEHOLDER.findall(template):
                     if name not in secrets:
                         add(route.location, f"route {route.name}: inject_headers {header} names unknown secret "
-                                            f"{shown(name)}{_suggest(name, secrets)}")  # fmt: skip
+                                            f"{shown(name)}{suggest(name, secrets)}")  # fmt: skip
                     elif route.enabled:
                         need(name, environment, f"route {route.name} inject_headers {header}", header=True)
     signed_envs = _signed_environments(config)
@@ -412,7 +424,7 @@ def use_problems(config: Config, store_where: Location | None = None) -> list[Pr
         for name in client.signing_secrets:
             if name not in secrets:
                 add(client.location, f"client {client.name}: signing_secrets names unknown secret "
-                                     f"{shown(name)}{_suggest(name, secrets)}")  # fmt: skip
+                                     f"{shown(name)}{suggest(name, secrets)}")  # fmt: skip
                 continue
             if client.enabled:
                 for environment in signed_envs.get(client.name, ()):
@@ -422,7 +434,7 @@ def use_problems(config: Config, store_where: Location | None = None) -> list[Pr
         where = store_where or Location(config.folder, 0)
         for name in PLACEHOLDER.findall(template):
             if name not in secrets:
-                add(where, f"settings.rate_limit_store names unknown secret {shown(name)}{_suggest(name, secrets)}")
+                add(where, f"settings.rate_limit_store names unknown secret {shown(name)}{suggest(name, secrets)}")
             else:
                 need(name, config.settings.default_environment, "settings.rate_limit_store")
         if not problems and store_url_problem(store_url(config)):  # (never the URL with its secrets in it)
@@ -445,13 +457,6 @@ def _signed_environments(config: Config) -> dict[str, list[str]]:
     return result
 
 
-def _suggest(name: str, known: Mapping[str, Any]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def value_for(config: Config, name: str, environment: str) -> str | None:
     """The value of secret ``name`` in ``environment`` (None when it has none)."""
     secret = config.secrets.get(name)
@@ -468,12 +473,13 @@ class Injection:
 
     ``fields`` are what the flow shows (the values as written, placeholders in place of
     secrets); ``wire`` pairs, per field holding a placeholder, its lower-case name and shown
-    value with the real value that only the upstream receives.
+    value with the real value that only the upstream receives (never in the repr: a log line,
+    an assertion's message or a traceback that shows an Injection shows no secret).
     """
 
     names: frozenset[bytes]  # lower-case names: the caller's fields of these names are replaced
     fields: tuple[tuple[bytes, bytes], ...]
-    wire: tuple[tuple[bytes, bytes, bytes], ...]
+    wire: tuple[tuple[bytes, bytes, bytes], ...] = field(repr=False)
 
 
 def compile_injections(config: Config) -> dict[tuple[str, str], Injection]:
@@ -496,9 +502,21 @@ def _injection(config: Config, route: Route, environment: str, injected: Mapping
         shown_value = template.encode("utf-8", "surrogateescape")
         fields.append((name.encode(), shown_value))
         if MARK in template:
-            values = {n: value_for(config, n, environment) or "" for n in PLACEHOLDER.findall(template)}
+            values = _values(config, template, environment)
             wire.append((name.lower().encode(), shown_value, fill(template, values).encode("utf-8", "surrogateescape")))
     return Injection(frozenset(n.lower() for n, _ in fields), tuple(fields), tuple(wire))
+
+
+def _values(config: Config, template: str, environment: str) -> dict[str, str]:
+    """The value in ``environment`` of each secret ``template`` names. One without a value (a
+    config `use_problems` did not check) is a ConfigError: never an empty value filled in."""
+    values: dict[str, str] = {}
+    for name in PLACEHOLDER.findall(template):
+        value = value_for(config, name, environment)
+        if value is None:
+            raise ConfigError([Problem(Location(config.folder, 0), f"secret {name} has no value in {environment}")])
+        values[name] = value
+    return values
 
 
 def store_url(config: Config) -> str:
@@ -509,8 +527,7 @@ def store_url(config: Config) -> str:
     template = config.settings.rate_limit_store
     if MARK not in template:
         return template
-    environment = config.settings.default_environment
-    values = {n: value_for(config, n, environment) or "" for n in PLACEHOLDER.findall(template)}
+    values = _values(config, template, config.settings.default_environment)
     whole = PLACEHOLDER.fullmatch(template) is not None
     return fill(template, values, encode=not whole)
 
@@ -541,11 +558,9 @@ def secret_lines(config: Config) -> list[str]:
                 parts.append(f"{environment}: no source")
                 continue
             fingerprint = values.fingerprint(source)
-            state = (
-                f"sha256:{fingerprint}"
-                if fingerprint
-                else f"no value ({source.describe()} {values.why_missing(source)})"
-            )
-            parts.append(f"{environment}: {source.describe()} {state}" if fingerprint else f"{environment}: {state}")
+            if fingerprint:
+                parts.append(f"{environment}: {source.describe()} sha256:{fingerprint}")
+            else:
+                parts.append(f"{environment}: no value ({source.describe()} {values.why_missing(source)})")
         lines.append(f"secret {secret.name}: " + "; ".join(parts))
     return lines

@@ -20,7 +20,6 @@ import hmac
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 from knoxcall_addon.model import Config, Problem, SignatureSpec, shown
@@ -235,15 +234,6 @@ class NonceMemory:
             expires_at, key = heapq.heappop(heap)
             if seen.get(key) == expires_at:
                 del seen[key]
-
-
-@dataclass(frozen=True)
-class Signed:
-    """What the proxy keeps about a request whose signature is checked when its body is in."""
-
-    spec: SignatureSpec
-    keys: tuple[bytes, ...]
-    client: str | None
 
 
 NonceAnswer = bool | None  # see NonceMemory.remember

@@ -5,6 +5,7 @@ Real config folders and files; values are random per run and every message is se
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import secrets
@@ -18,7 +19,7 @@ from mitmproxy.test import tflow
 from knoxcall_addon import injection
 from knoxcall_addon.cli import main
 from knoxcall_addon.loader import load_config
-from knoxcall_addon.model import ConfigError
+from knoxcall_addon.model import ConfigError, SecretValues
 from knoxcall_addon.policy import Policy, load_policy
 from knoxcall_addon.secretsource import Injection, read_source
 from tests.harness import ROOT, run_mitmdump_expecting_exit
@@ -180,6 +181,24 @@ def test_nothing_shows_a_value_check_shows_a_fingerprint(tmp_path, token, capsys
     fingerprint = hashlib.sha256(token.encode()).hexdigest()[:8]
     assert f"production: environment variable KC_UNIT_TOKEN sha256:{fingerprint}" in text
     assert token not in text and "from-the-file" not in text
+
+
+def test_a_compiled_injection_shows_no_value(tmp_path, token):
+    """An Injection holds the real values for the wire: its repr (a log line, an assertion's
+    message, a traceback) shows the placeholders only."""
+    policy = load_policy(folder_with(tmp_path, SECRETS, ROUTE))
+    found = policy.injections[("partner", "production")]
+    assert token.encode() in b"".join(value for _, _, value in found.wire)
+    assert token not in repr(found) and token not in repr(policy.injections)
+    assert "{{secret:partner_token}}" in repr(found)
+
+
+def test_a_policy_whose_injected_secret_has_no_value_is_refused_not_sent_empty(tmp_path, token):
+    """The loader refuses such a config (use_problems); a Config that reaches Policy by another
+    way fails there too, rather than sending the header with an empty value."""
+    config = load_policy(folder_with(tmp_path, SECRETS, ROUTE)).config
+    with pytest.raises(ConfigError, match="secret partner_token has no value in production"):
+        Policy(dataclasses.replace(config, secret_values=SecretValues()))
 
 
 def _policy(tmp_path: Path, token: str) -> Policy:
