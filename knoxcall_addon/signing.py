@@ -96,7 +96,7 @@ def sign(secret: str, timestamp: str, method: str, path: str, body: bytes, nonce
     data = message(
         timestamp.encode(), method.encode(), path.encode(), body, nonce.encode() if nonce is not None else None
     )
-    return hmac.new(secret.encode("utf-8"), data, hashlib.sha256).hexdigest()
+    return hmac.new(secret.encode("utf-8", "surrogateescape"), data, hashlib.sha256).hexdigest()
 
 
 # -- compiled at load ------------------------------------------------------------------------
@@ -110,7 +110,7 @@ def signing_keys(config: Config) -> dict[tuple[str, str], tuple[bytes, ...]]:
             continue
         for environment in config.environments:
             keys = [value_for(config, name, environment) for name in client.signing_secrets]
-            result[(client.name, environment)] = tuple(k.encode("utf-8") for k in keys if k)
+            result[(client.name, environment)] = tuple(k.encode("utf-8", "surrogateescape") for k in keys if k)
     return result
 
 

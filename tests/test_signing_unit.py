@@ -24,6 +24,7 @@ from knoxcall_addon.signing import (
     REPLAYED,
     NonceMemory,
     check_signed,
+    message,
     sign,
     verify,
 )
@@ -251,3 +252,15 @@ def test_nonces_when_redis_cannot_be_asked_local_checks_here_deny_refuses(make_c
     assert asyncio.run(twice("local")) == [True, False]
     assert asyncio.run(twice("allow")) == [True, False]
     assert asyncio.run(twice("deny")) == [None, None]
+
+
+def test_a_signing_secret_with_bytes_that_are_not_utf8_loads_and_signs(make_config, monkeypatch):
+    """os.environ holds such bytes as surrogates: they are the key's bytes, as for injected
+    values, never an encoding error whose text would quote a piece of the secret."""
+    raw = b"acme-\xff-secret"
+    monkeypatch.setenv("KC_SIGN_V2", raw.decode("utf-8", "surrogateescape"))
+    policy = load_policy(make_config(**{"k.yaml": CONFIG}))
+    assert raw in policy.signing_keys[("acme", "production")]
+    assert sign(raw.decode("utf-8", "surrogateescape"), TS, "POST", PATH, BODY) == hmac.new(
+        raw, message(TS.encode(), b"POST", PATH.encode(), BODY, None), hashlib.sha256
+    ).hexdigest()
