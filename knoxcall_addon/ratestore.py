@@ -28,6 +28,7 @@ from knoxcall_addon.model import Settings
 from knoxcall_addon.rateconfig import redacted_url
 from knoxcall_addon.ratelimit import (
     CALLER_SEPARATOR,
+    KINDS,
     Check,
     CompiledLimit,
     Consumed,
@@ -591,7 +592,7 @@ class RateLimiter:
             counts = "none configured"
         else:
             kinds = [limit.kind for limit in limits.by_prefix.values()]
-            counts = ", ".join(f"{kinds.count(k)} {k}" for k in ("client", "route", "client_route") if k in kinds)
+            counts = ", ".join(f"{kinds.count(k)} {k}" for k in KINDS if k in kinds)
         local = (
             f"{len(self.local.buckets)} buckets in this process (at most {self.local.max_buckets}; "
             f"{self.local.dropped_early} dropped before they were full)"
