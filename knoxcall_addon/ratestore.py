@@ -28,6 +28,7 @@ from knoxcall_addon.model import Settings
 from knoxcall_addon.rateconfig import redacted_url
 from knoxcall_addon.ratelimit import (
     CALLER_SEPARATOR,
+    KINDS,
     Check,
     CompiledLimit,
     Consumed,
@@ -239,11 +240,7 @@ class RedisStore:
         self._batches: set[asyncio.Task[None]] = set()
 
     async def consume(self, checks: Sequence[Check]) -> tuple[Consumed, int]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Any]] = loop.create_future()
-        if not self._queue:
-            loop.call_soon(self._send_batch)
-        self._queue.append((packed_call(self.sha, checks), future))
+        future = self._enqueue(packed_call(self.sha, checks))
         async with asyncio.timeout(self.timeout):
             reply = await future
         numbers = [int(n) for n in reply]
@@ -254,17 +251,22 @@ class RedisStore:
 
     async def remember(self, key: str, ttl_ms: int) -> bool:
         """``SET key 1 NX PX ttl``, in the next batch: True when the key was new (a first nonce)."""
+        call = b"*6\r\n$3\r\nSET\r\n" + b"".join(
+            _bulk(part) for part in ((NONCE_KEY_PREFIX + key).encode(), b"1", b"NX", b"PX", b"%d" % max(1, ttl_ms))
+        )
+        future = self._enqueue(call)
+        async with asyncio.timeout(self.timeout):
+            reply = await future
+        return reply is not None
+
+    def _enqueue(self, call: bytes) -> asyncio.Future[Any]:
+        """Queue one packed call for the next batch (sent at the next turn of the loop); its reply's future."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._queue:
             loop.call_soon(self._send_batch)
-        call = b"*6\r\n$3\r\nSET\r\n" + b"".join(
-            _bulk(part) for part in ((NONCE_KEY_PREFIX + key).encode(), b"1", b"NX", b"PX", b"%d" % max(1, ttl_ms))
-        )
         self._queue.append((call, future))
-        async with asyncio.timeout(self.timeout):
-            reply = await future
-        return reply is not None
+        return future
 
     def _send_batch(self) -> None:
         batch, self._queue = self._queue, []
@@ -591,7 +593,7 @@ class RateLimiter:
             counts = "none configured"
         else:
             kinds = [limit.kind for limit in limits.by_prefix.values()]
-            counts = ", ".join(f"{kinds.count(k)} {k}" for k in ("client", "route", "client_route") if k in kinds)
+            counts = ", ".join(f"{kinds.count(k)} {k}" for k in KINDS if k in kinds)
         local = (
             f"{len(self.local.buckets)} buckets in this process (at most {self.local.max_buckets}; "
             f"{self.local.dropped_early} dropped before they were full)"
